@@ -1,0 +1,25 @@
+"""The errors a user of hovle-edge can meet. Each names the file or input and what was wrong."""
+
+
+class HoVLEError(Exception):
+    """Base of every error hovle-edge raises on purpose."""
+
+
+class ConfigError(HoVLEError):
+    """A config.json that is missing, unreadable or asks for something this code does not do."""
+
+
+class CheckpointError(HoVLEError):
+    """Weights that are missing, unexpected, mis-shaped, or in files that cannot be read."""
+
+
+class InputError(HoVLEError):
+    """An image, prompt or tokenizer file that cannot be used as given."""
+
+
+class ModelFolderError(HoVLEError):
+    """An exported model folder that is missing, from another version, or altered since export."""
+
+
+class ExportError(HoVLEError):
+    """An export whose graph failed a check (ops, parity, shapes)."""

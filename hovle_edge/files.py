@@ -1,0 +1,51 @@
+"""File helpers shared by every stage: a folder that appears whole or not at all, and hashes. Torch-free."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, overwrite: bool = True):
+    """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed,
+    so a reader never sees a half-written folder."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another folder or remove it")
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.rmdir(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_files(paths: list[str]) -> str:
+    """One hash over several files, in the order given (names and contents)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()

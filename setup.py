@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+# The base install is what an edge device needs to read a model folder; torch only comes with
+# [export] and [train]. Install torch first as `pip install torch==2.13.0` to get the CPU wheel.
+setup(
+    name="hovle-edge",
+    version="0.1.0",
+    description="HoVLE from PyTorch to edge GPUs: reference model, trainers, ONNX export, "
+                "TensorRT engines and a torch-free runtime",
+    packages=find_packages(include=["hovle_edge", "hovle_edge.*"]),
+    python_requires=">=3.10",
+    install_requires=["numpy", "pillow", "click", "tokenizers", "tqdm"],
+    extras_require={
+        "cpu": ["onnxruntime"],
+        "gpu": ["onnxruntime-gpu"],
+        "trt": ["tensorrt", "cuda-python"],
+        "trt-rtx": ["tensorrt-rtx", "cuda-python"],
+        "export": ["torch", "onnx", "onnxscript", "safetensors"],
+        "train": ["torch", "safetensors"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "transformers", "sentencepiece", "mistral-common", "psutil"],
+    },
+    entry_points={"console_scripts": ["hovle-edge=hovle_edge.cli:main"]},
+)
