@@ -30,3 +30,13 @@ def main():
     Train (train, shapes), export to ONNX (export, verify), build TensorRT engines (build), and run
     on device without torch (run, chat, profile).
     """
+
+
+@main.command("convert-tokenizer")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+def convert_tokenizer(directory):
+    """Write DIRECTORY/tokenizer.json from its tokenizer.model (+ added_tokens.json), so that the
+    runtime needs only the `tokenizers` library."""
+    from hovle_edge.tokenizer import convert_tokenizer as convert
+
+    click.echo(f"wrote {convert(directory)}")
