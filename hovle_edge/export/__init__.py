@@ -1,0 +1,127 @@
+"""Checkpoint -> a folder of ONNX graphs + manifest.json + tokenizer files, each graph checked against
+PyTorch before the folder appears (needs torch, onnx, onnxruntime)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+
+import torch
+from tqdm import tqdm
+
+from hovle_edge import __version__, spec
+from hovle_edge.errors import ExportError
+from hovle_edge.export.graphs import graph_specs
+from hovle_edge.export.onnx_export import export_graph
+from hovle_edge.export.parity import TOLERANCE, check_graph
+from hovle_edge.files import atomic_directory, sha256_file, sha256_files
+from hovle_edge.model import HoVLE
+from hovle_edge.model.weights import checkpoint_files
+from hovle_edge.tokenizer import (IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_SYSTEM, TOKENIZER_FILES,
+                                  Tokenizer)
+
+DEFAULT_OPSET = 18  # the newest opset TensorRT 10.3 (JetPack 6) parses that torch's exporter writes
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET,
+                 max_context: int | None = None, overwrite: bool = False, progress: bool = True) -> spec.Manifest:
+    """Export, check and write the model folder `out`, whole or not at all."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    reference = HoVLE.from_pretrained(checkpoint, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    check_context_token(tokenizer, reference.config)
+    model = copy.deepcopy(reference).to(PRECISIONS[precision]) if precision != "fp32" else reference
+    config = model.config
+    max_context = max_context or config.llm_config.max_position_embeddings
+    dtype = "float16" if precision == "fp16" else "float32"
+    references = {g.name: g.module for g in graph_specs(reference, "float32")}
+    graphs = {}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        bar = tqdm(graph_specs(model, dtype), desc="export", unit="graph", disable=not progress)
+        for graph in bar:
+            bar.set_postfix_str(graph.name)
+            path = os.path.join(tmp, f"{graph.name}.onnx")
+            started = time.perf_counter()
+            export_graph(graph, path, opset)
+            rows = check_graph(graph, path, config, precision, references[graph.name] if precision != "fp32" else None)
+            failed = [r for r in rows if r.exceeds(precision)]
+            if failed:
+                r = failed[0]
+                raise ExportError(f"{graph.name}.onnx differs from PyTorch: {r.output} ({r.case}) max abs {r.max_abs:.3g}, "
+                                  f"relative {r.max_rel:.3g}, over the {precision} tolerance {TOLERANCE[precision]:g}")
+            worst = max(rows, key=lambda r: r.max_rel)
+            graphs[graph.name] = graph_entry(graph, tmp, worst, time.perf_counter() - started)
+        copy_tokenizer(checkpoint, tmp, tokenizer)
+        manifest = build_manifest(config, tokenizer, graphs, precision, opset, max_context, checkpoint, tmp)
+        spec.write_manifest(tmp, manifest)
+    return spec.load_manifest(out)
+
+
+def graph_entry(graph, directory: str, worst, seconds: float) -> dict:
+    files = [f for f in (f"{graph.name}.onnx", f"{graph.name}.onnx.data") if os.path.exists(os.path.join(directory, f))]
+    return {
+        "file": f"{graph.name}.onnx",
+        "files": files,
+        "bytes": sum(os.path.getsize(os.path.join(directory, f)) for f in files),
+        "parameters": sum(p.numel() for p in graph.module.parameters()),
+        "inputs": [t.to_json() for t in graph.inputs],
+        "outputs": [t.to_json() for t in graph.outputs],
+        "parity": {"max_abs": worst.max_abs, "max_rel": worst.max_rel, "output": worst.output, "case": worst.case},
+        "export_seconds": round(seconds, 2),
+    }
+
+
+def copy_tokenizer(checkpoint: str, directory: str, tokenizer: Tokenizer) -> None:
+    """tokenizer.json (converted from tokenizer.model when needed) and its small config files."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(checkpoint, name)):
+            shutil.copyfile(os.path.join(checkpoint, name), os.path.join(directory, name))
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        tokenizer.backend.save(os.path.join(directory, "tokenizer.json"))
+
+
+def build_manifest(config, tokenizer: Tokenizer, graphs: dict, precision: str, opset: int, max_context: int,
+                   checkpoint: str, directory: str) -> dict:
+    emb, llm = config.embedding_config, config.llm_config
+    files = sorted(f for f in os.listdir(directory) if not f.startswith("."))
+    return {
+        "format": spec.MANIFEST_FORMAT,
+        "manifest_version": spec.MANIFEST_VERSION,
+        "exporter_version": __version__,
+        "torch_version": torch.__version__,
+        "precision": precision,
+        "opset": opset,
+        "max_context": max_context,
+        "model": {
+            "hidden": llm.hidden_size, "vocab": llm.vocab_size, "image_size": emb.image_size,
+            "patch_size": emb.patch_size, "tokens_per_tile": emb.tokens_per_tile,
+            "min_tiles": config.min_dynamic_patch, "max_tiles": config.max_dynamic_patch,
+            "use_thumbnail": config.use_thumbnail,
+            "stacks": {
+                "embedding": {"layers": emb.num_hidden_layers, "heads": emb.num_attention_heads,
+                              "kv_heads": emb.num_key_value_heads, "head_dim": emb.head_dim},
+                "llm": {"layers": llm.num_hidden_layers, "heads": llm.num_attention_heads,
+                        "kv_heads": llm.num_key_value_heads, "head_dim": llm.head_dim},
+            },
+        },
+        "tokens": {
+            "img_context": emb.img_context_token_id, "img_start": tokenizer.token_id(IMG_START),
+            "img_end": tokenizer.token_id(IMG_END), "im_start": tokenizer.token_id(IM_START),
+            "im_end": tokenizer.token_id(IM_END), "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
+            "add_bos": tokenizer.add_bos, "stop_ids": tokenizer.stop_ids,
+        },
+        "chat": {"template": config.template, "system": config.extra.get("system_message", INTERNVL_SYSTEM)},
+        "graphs": graphs,
+        "checkpoint_sha256": sha256_files(checkpoint_files(checkpoint) + [os.path.join(checkpoint, "config.json")]),
+        "files": {f: sha256_file(os.path.join(directory, f)) for f in files},
+    }
+
+
+def check_context_token(tokenizer: Tokenizer, config) -> None:
+    if tokenizer.token_id(IMG_CONTEXT) != config.embedding_config.img_context_token_id:
+        raise ExportError(f"the tokenizer's {IMG_CONTEXT} id {tokenizer.token_id(IMG_CONTEXT)} differs from "
+                          f"config.json's img_context_token_id {config.embedding_config.img_context_token_id}")

@@ -1,0 +1,122 @@
+"""Each exported graph against the PyTorch module it came from, on ONNX Runtime (CPU): prefill from an
+empty cache with batch 2 and left padding (different real lengths, handled by the mask), then a
+decode step on the cache that prefill returned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hovle_edge.export.graphs import GraphSpec
+
+# Largest max-abs error accepted per output, by precision, for outputs of magnitude up to 1 (scaled
+# by the largest magnitude above that). fp16 is measured against the fp32 reference, so it carries
+# fp16's own rounding (about 1e-3 relative per op) through every layer.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
+
+
+@dataclass
+class ParityRow:
+    graph: str
+    case: str
+    output: str
+    max_abs: float
+    scale: float  # the largest magnitude in the expected output
+
+    @property
+    def max_rel(self) -> float:
+        return self.max_abs / self.scale
+
+    def exceeds(self, precision: str) -> bool:
+        return self.max_abs > TOLERANCE[precision] * max(1.0, self.scale)
+
+
+def compare(name: str, case: str, expected, got) -> ParityRow:
+    expected = expected.detach().float().numpy()
+    got = got.astype(np.float32)
+    if expected.shape != got.shape:
+        return ParityRow(name, case, f"shape {got.shape} != {expected.shape}", float("inf"), 1.0)
+    scale = max(float(np.abs(expected).max()), 1e-6) if expected.size else 1.0
+    max_abs = float(np.abs(expected - got).max()) if expected.size else 0.0
+    return ParityRow(name, case, "", max_abs, scale)
+
+
+def run_case(graph: GraphSpec, session, case: str, inputs: tuple, reference=None) -> tuple[list[ParityRow], tuple]:
+    """Run one case on both sides; `reference` is the torch module that defines the truth
+    (by default the graph's own module, or the fp32 module for an fp16 graph)."""
+    module = reference or graph.module
+    with torch.no_grad():
+        cast = tuple(x.float() if reference is not None and x.is_floating_point() else x for x in inputs)
+        expected = module(*cast)
+    expected = (expected,) if isinstance(expected, torch.Tensor) else expected
+    feeds = {spec.name: x.numpy() for spec, x in zip(graph.inputs, inputs)}
+    got = session.run([spec.name for spec in graph.outputs], feeds)
+    rows = []
+    for spec, e, g in zip(graph.outputs, expected, got):
+        row = compare(graph.name, case, e, g)
+        row.output = row.output or spec.name
+        rows.append(row)
+    return rows, expected
+
+
+def cases(graph: GraphSpec, config, dtype) -> list[tuple[str, tuple]]:
+    """(case name, inputs) for prefill; the decode inputs are built from prefill's presents."""
+    generator = torch.Generator().manual_seed(0)
+    emb = config.embedding_config
+    if graph.name == "vision":
+        size = emb.image_size
+        return [(f"tiles={n}", (torch.randn(n, 3, size, size, generator=generator),)) for n in (1, 3)]
+    B, S = 2, 6
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, :2] = 0  # row 1 is 2 tokens shorter: left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    past = [torch.zeros(B, s.dims[1], 0, s.dims[3], dtype=dtype) for s in past_specs(graph)]
+    if graph.name == "embedding":
+        ids = torch.randint(20, emb.llm_vocab_size, (B, S), generator=generator)
+        ids[0, 1:3] = ids[1, 3:5] = emb.img_context_token_id
+        rows = torch.randn(4, emb.hidden_size, generator=generator).to(dtype)
+        return [("prefill", (ids, rows, positions, mask, *past))]
+    embeds = torch.randn(B, S, config.llm_config.hidden_size, generator=generator).to(dtype)
+    return [("prefill", (embeds, positions, mask, *past))]
+
+
+def past_specs(graph: GraphSpec):
+    return [s for s in graph.inputs if s.name.startswith("past_key_values.")]
+
+
+def decode_inputs(graph: GraphSpec, prefill_inputs: tuple, presents: tuple, config, dtype) -> tuple:
+    """One new token after prefill: mask and positions extended, presents fed back as past."""
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.cat((prefill_inputs[graph_index(graph, "attention_mask")], torch.ones(2, 1, dtype=torch.long)), 1)
+    positions = mask.sum(-1, keepdim=True) - 1
+    presents = tuple(p.to(dtype) for p in presents)
+    if graph.name == "embedding":
+        ids = torch.randint(20, config.llm_config.vocab_size, (2, 1), generator=generator)
+        dummy = torch.zeros(1, config.embedding_config.hidden_size, dtype=dtype)
+        return (ids, dummy, positions, mask, *presents)
+    embeds = torch.randn(2, 1, config.llm_config.hidden_size, generator=generator).to(dtype)
+    return (embeds, positions, mask, *presents)
+
+
+def graph_index(graph: GraphSpec, name: str) -> int:
+    return [s.name for s in graph.inputs].index(name)
+
+
+def check_graph(graph: GraphSpec, path: str, config, precision: str, reference_module=None) -> list[ParityRow]:
+    """All cases for one exported graph; rows carry the errors, the caller applies the tolerance."""
+    import onnxruntime as ort
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    rows = []
+    for case, inputs in cases(graph, config, dtype):
+        case_rows, expected = run_case(graph, session, case, inputs, reference_module)
+        rows += case_rows
+        if graph.name != "vision":
+            step = decode_inputs(graph, inputs, tuple(expected[1:]), config, dtype)
+            rows += run_case(graph, session, "decode", step, reference_module)[0]
+    return rows

@@ -1,0 +1,159 @@
+"""The graph contract between export, engines and runtime: tensor names, dtypes, named dims, and the
+manifest that describes an exported model folder. The runtime derives everything from the manifest.
+Torch-free."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from hovle_edge import __version__
+from hovle_edge.errors import ModelFolderError
+from hovle_edge.files import sha256_file
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "hovle-edge/onnx"
+MANIFEST_VERSION = 1
+GRAPHS = ("vision", "embedding", "decoder")
+# Named dims. total_sequence is past_sequence + sequence (the attention mask covers both).
+BATCH, SEQUENCE, PAST, TOTAL, TILES, IMAGE_ROWS = ("batch", "sequence", "past_sequence", "total_sequence",
+                                                   "tiles", "image_rows")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style name: float32, float16, int64
+    dims: tuple  # ints for fixed sizes, names from above for dynamic ones
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], data["dtype"], tuple(data["dims"]))
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def cache_specs(layers: int, kv_heads: int, head_dim: int, dtype: str) -> tuple[list, list]:
+    past = [TensorSpec(n, dtype, (BATCH, kv_heads, PAST, head_dim)) for n in past_names(layers)]
+    present = [TensorSpec(n, dtype, (BATCH, kv_heads, TOTAL, head_dim)) for n in present_names(layers)]
+    return past, present
+
+
+def vision_io(image_size: int, tokens_per_tile: int, hidden: int, dtype: str):
+    inputs = [TensorSpec("pixel_values", "float32", (TILES, 3, image_size, image_size))]
+    outputs = [TensorSpec("image_embeds", dtype, (TILES, tokens_per_tile, hidden))]
+    return inputs, outputs
+
+
+def embedding_io(layers: int, kv_heads: int, head_dim: int, hidden: int, dtype: str):
+    past, present = cache_specs(layers, kv_heads, head_dim, dtype)
+    inputs = [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
+              TensorSpec("image_embeds", dtype, (IMAGE_ROWS, hidden)),
+              TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
+              TensorSpec("attention_mask", "int64", (BATCH, TOTAL))] + past
+    outputs = [TensorSpec("inputs_embeds", dtype, (BATCH, SEQUENCE, hidden))] + present
+    return inputs, outputs
+
+
+def decoder_io(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, dtype: str):
+    past, present = cache_specs(layers, kv_heads, head_dim, dtype)
+    inputs = [TensorSpec("inputs_embeds", dtype, (BATCH, SEQUENCE, hidden)),
+              TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
+              TensorSpec("attention_mask", "int64", (BATCH, TOTAL))] + past
+    outputs = [TensorSpec("logits", "float32", (BATCH, 1, vocab))] + present
+    return inputs, outputs
+
+
+@dataclass
+class Stack:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class Manifest:
+    """A parsed manifest.json with the numbers the runtime needs as attributes."""
+
+    directory: str
+    data: dict
+
+    @property
+    def model(self) -> dict:
+        return self.data["model"]
+
+    @property
+    def precision(self) -> str:
+        return self.data["precision"]
+
+    @property
+    def kv_dtype(self) -> str:
+        return "float16" if self.precision == "fp16" else "float32"
+
+    @property
+    def max_context(self) -> int:
+        return self.data["max_context"]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.data["tokens"]["stop_ids"]
+
+    def stack(self, name: str) -> Stack:
+        return Stack(**self.data["model"]["stacks"][name])
+
+    def graph_path(self, name: str) -> str:
+        return os.path.join(self.directory, self.data["graphs"][name]["file"])
+
+    def graph_io(self, name: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        graph = self.data["graphs"][name]
+        return ([TensorSpec.from_json(t) for t in graph["inputs"]], [TensorSpec.from_json(t) for t in graph["outputs"]])
+
+    def verify_files(self) -> None:
+        """Every file the manifest lists exists and has the hash it had at export."""
+        for name, expected in self.data["files"].items():
+            path = os.path.join(self.directory, name)
+            if not os.path.isfile(path):
+                raise ModelFolderError(f"{path}: listed in {MANIFEST} but missing")
+            if sha256_file(path) != expected:
+                raise ModelFolderError(f"{path}: sha256 does not match {MANIFEST}; the file changed after "
+                                       "export (re-export the model)")
+
+
+def write_manifest(directory: str, data: dict) -> None:
+    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def load_manifest(directory: str, verify: bool = True) -> Manifest:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        raise ModelFolderError(f"{directory}: no such model folder")
+    if not os.path.isfile(path):
+        raise ModelFolderError(f"{directory}: no {MANIFEST}; is this a folder made by `hovle-edge export`?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ModelFolderError(f"{path}: not a hovle-edge manifest (format {data.get('format') if isinstance(data, dict) else None!r})")
+    if data.get("manifest_version") != MANIFEST_VERSION:
+        raise ModelFolderError(f"{path}: manifest version {data.get('manifest_version')} was written by hovle-edge "
+                               f"{data.get('exporter_version')}; this is {__version__}, which reads version "
+                               f"{MANIFEST_VERSION}: re-export the model")
+    manifest = Manifest(directory, data)
+    if verify:
+        manifest.verify_files()
+    return manifest
