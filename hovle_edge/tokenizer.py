@@ -163,8 +163,8 @@ class StreamDecoder:
         self.ids.append(token_id)
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         text = self.tokenizer.decode(self.ids[self.prefix:])
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-            return ""
+        if text.endswith("\ufffd") and len(self.ids) - self.read < 4:  # maybe an incomplete UTF-8 character:
+            return ""  # wait for its next byte (at most 4 bytes make one character)
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(before):]
 

@@ -15,3 +15,36 @@ def tiny_model():
         for p in model.parameters():
             p.normal_(0, 0.3)
     return model
+
+
+def world_texts():
+    """A little text with multi-byte characters, enough to train a tokenizer for tests."""
+    return ["a red circle at the top left", "what colour is the square? blue", "how many stars? three",
+            "日本語 😀 café ñ"] * 40
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint folder of the tiny preset with random weights and a trained tokenizer."""
+    from hovle_edge.config import preset
+    from hovle_edge.model import HoVLE
+    from hovle_edge.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    model = HoVLE(preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model.save_pretrained(str(path))
+    train_tokenizer(world_texts(), 512).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory):
+    from hovle_edge.export import export_model
+
+    out = tmp_path_factory.mktemp("exported") / "tiny-fp32"
+    export_model(str(tiny_checkpoint), str(out), progress=False)
+    return out

@@ -46,7 +46,7 @@ def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int 
             bar.set_postfix_str(graph.name)
             path = os.path.join(tmp, f"{graph.name}.onnx")
             started = time.perf_counter()
-            export_graph(graph, path, opset)
+            parameters = export_graph(graph, path, opset)
             rows = check_graph(graph, path, config, precision, references[graph.name] if precision != "fp32" else None)
             failed = [r for r in rows if r.exceeds(precision)]
             if failed:
@@ -54,20 +54,20 @@ def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int 
                 raise ExportError(f"{graph.name}.onnx differs from PyTorch: {r.output} ({r.case}) max abs {r.max_abs:.3g}, "
                                   f"relative {r.max_rel:.3g}, over the {precision} tolerance {TOLERANCE[precision]:g}")
             worst = max(rows, key=lambda r: r.max_rel)
-            graphs[graph.name] = graph_entry(graph, tmp, worst, time.perf_counter() - started)
+            graphs[graph.name] = graph_entry(graph, tmp, parameters, worst, time.perf_counter() - started)
         copy_tokenizer(checkpoint, tmp, tokenizer)
         manifest = build_manifest(config, tokenizer, graphs, precision, opset, max_context, checkpoint, tmp)
         spec.write_manifest(tmp, manifest)
     return spec.load_manifest(out)
 
 
-def graph_entry(graph, directory: str, worst, seconds: float) -> dict:
+def graph_entry(graph, directory: str, parameters: int, worst, seconds: float) -> dict:
     files = [f for f in (f"{graph.name}.onnx", f"{graph.name}.onnx.data") if os.path.exists(os.path.join(directory, f))]
     return {
         "file": f"{graph.name}.onnx",
         "files": files,
         "bytes": sum(os.path.getsize(os.path.join(directory, f)) for f in files),
-        "parameters": sum(p.numel() for p in graph.module.parameters()),
+        "parameters": parameters,
         "inputs": [t.to_json() for t in graph.inputs],
         "outputs": [t.to_json() for t in graph.outputs],
         "parity": {"max_abs": worst.max_abs, "max_rel": worst.max_rel, "output": worst.output, "case": worst.case},

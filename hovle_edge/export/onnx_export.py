@@ -5,6 +5,7 @@ the op check. The exporter's own structure-only checks run on the graph without 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import warnings
@@ -19,8 +20,9 @@ from hovle_edge.export.ops import check_ops
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int64": onnx.TensorProto.INT64}
 
 
-def export_graph(graph: GraphSpec, path: str, opset: int) -> None:
-    """Write `path` and `path`.data; raise ExportError if the graph breaks the contract."""
+def export_graph(graph: GraphSpec, path: str, opset: int) -> int:
+    """Write `path` and `path`.data; raise ExportError if the graph breaks the contract. Returns the
+    number of weight values the graph holds."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -38,6 +40,7 @@ def export_graph(graph: GraphSpec, path: str, opset: int) -> None:
     check_ops(model, opset, path)
     onnx.save_model(model, path)
     onnx.checker.check_model(path)  # by path: external weights are checked in place, never loaded
+    return sum(math.prod(t.dims) for t in model.graph.initializer)
 
 
 def name_dims(model, graph: GraphSpec) -> None:

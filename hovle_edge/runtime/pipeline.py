@@ -1,0 +1,198 @@
+"""Generation on an exported model folder without torch: image -> tiles -> vision graph once; prompt
+-> ids; prefill through the embedding and decoder graphs; then one token at a time through both,
+each stack keeping its own KV cache. A Conversation keeps the caches between turns, so a follow-up
+question costs only its own tokens. Timers are always on (a few perf_counter calls per token)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from hovle_edge.errors import InputError
+from hovle_edge.preprocess import preprocess_image
+from hovle_edge.runtime.backends import make_backend
+from hovle_edge.runtime.kv_cache import ConversationCache
+from hovle_edge.runtime.sampling import Sampler, SamplingParams
+from hovle_edge.spec import load_manifest
+from hovle_edge.tokenizer import IM_END, ChatTemplate, StreamDecoder, Tokenizer
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each part of the last turn; `steps` holds every decode step's latency."""
+
+    preprocess: float = 0.0
+    vision: float = 0.0
+    embedding_prefill: float = 0.0
+    llm_prefill: float = 0.0
+    first_token: float = 0.0  # from the call to the first token chosen
+    steps: list = field(default_factory=list)
+    total: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    tiles: int = 0
+    graph_calls: dict = field(default_factory=lambda: {"vision": 0, "embedding": 0, "decoder": 0})
+    tokens_through_graphs: int = 0  # sequence positions run through the embedding and decoder graphs
+
+
+class Pipeline:
+    def __init__(self, manifest, backend, tokenizer: Tokenizer):
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = tokenizer
+        model = manifest.model
+        self.template = ChatTemplate(tokens_per_tile=model["tokens_per_tile"], system=manifest.data["chat"]["system"])
+        self.hidden = model["hidden"]
+        self.timings = Timings()
+
+    @classmethod
+    def from_dir(cls, model_dir: str, backend: str = "onnxruntime", device: str = "cpu",
+                 threads: int | None = None) -> "Pipeline":
+        manifest = load_manifest(model_dir)
+        return cls(manifest, make_backend(backend, manifest, device=device, threads=threads), Tokenizer.from_dir(model_dir))
+
+    def close(self):
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def conversation(self, max_context: int | None = None) -> "Conversation":
+        return Conversation(self, max_context or self.manifest.max_context)
+
+    def generate(self, prompt: str, image=None, max_tiles: int | None = None, **sampling) -> str:
+        """One question (with an optional image path or PIL image) -> the answer text."""
+        return "".join(self.stream(prompt, image, max_tiles=max_tiles, **sampling))
+
+    def stream(self, prompt: str, image=None, max_tiles: int | None = None, **sampling) -> Iterator[str]:
+        """Like generate, yielding text pieces as tokens are decoded."""
+        return self.conversation().ask(prompt, image, max_tiles=max_tiles, **sampling)
+
+    # The graph calls, shared by every turn.
+
+    def pixel_values(self, image, max_tiles: int | None) -> np.ndarray:
+        model = self.manifest.model
+        limit = model["max_tiles"]
+        if max_tiles is not None and max_tiles > limit:
+            raise InputError(f"{max_tiles} tiles asked for, but the model was exported for at most {limit}")
+        return preprocess_image(image, min_num=model["min_tiles"], max_num=max_tiles or limit,
+                                image_size=model["image_size"], use_thumbnail=model["use_thumbnail"])
+
+    def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        out = self.backend.run("vision", {"pixel_values": pixel_values})["image_embeds"]
+        return out.reshape(-1, out.shape[-1])
+
+    def forward(self, cache: ConversationCache, ids: list[int], image_embeds: np.ndarray | None, timings: Timings,
+                prefill: bool = False) -> np.ndarray:
+        """Run `ids` after what `cache` holds through both stacks; returns the last position's logits [V]."""
+        input_ids = np.asarray([ids], dtype=np.int64)
+        positions, mask = cache.step_inputs(len(ids))
+        if image_embeds is None:  # the graph takes one dummy row when no position is an image token
+            image_embeds = np.zeros((1, self.hidden), dtype=self.manifest.kv_dtype)
+        device_outputs = cache.embedding.presents + cache.llm.presents
+        started = time.perf_counter()
+        emb = self.backend.run("embedding", {"input_ids": input_ids, "image_embeds": image_embeds,
+                                             "position_ids": positions, "attention_mask": mask,
+                                             **cache.embedding.feeds()}, device_outputs)
+        middle = time.perf_counter()
+        llm = self.backend.run("decoder", {"inputs_embeds": emb["inputs_embeds"], "position_ids": positions,
+                                           "attention_mask": mask, **cache.llm.feeds()}, device_outputs)
+        ended = time.perf_counter()
+        if prefill:
+            timings.embedding_prefill = middle - started
+            timings.llm_prefill = ended - middle
+        timings.graph_calls["embedding"] += 1
+        timings.graph_calls["decoder"] += 1
+        timings.tokens_through_graphs += len(ids)
+        cache.advance(len(ids), emb, llm)
+        return llm["logits"][0, -1]
+
+
+class Conversation:
+    """A multi-turn chat whose KV caches persist between turns."""
+
+    def __init__(self, pipeline: Pipeline, capacity: int):
+        self.pipeline = pipeline
+        manifest = pipeline.manifest
+        if capacity > manifest.max_context:
+            raise InputError(f"a context of {capacity} tokens was asked for, but the model was exported for "
+                             f"at most {manifest.max_context}")
+        self.cache = ConversationCache(manifest.stack("embedding"), manifest.stack("llm"), manifest.kv_dtype, capacity)
+        self.ids: list[int] = []  # every token the caches hold, in order
+        self.pending: list[int] = []  # the last answer's stop token, not yet run through the graphs
+
+    def ask(self, question: str, image=None, max_tiles: int | None = None, **sampling) -> Iterator[str]:
+        """Stream the answer to `question`; the image block goes into this turn when an image is given."""
+        if not question or not question.strip():
+            raise InputError("the prompt is empty")
+        pipe = self.pipeline
+        params = SamplingParams(**sampling)
+        timings = pipe.timings = Timings()
+        started = time.perf_counter()
+        pixel_values = None
+        if image is not None:
+            pixel_values = pipe.pixel_values(image, max_tiles)
+            timings.tiles = len(pixel_values)
+        timings.preprocess = time.perf_counter() - started
+        first_turn = not self.ids and not self.pending
+        text = (pipe.template.system_block() if first_turn else "") + pipe.template.user_turn(question, timings.tiles)
+        ids = self.pending + pipe.tokenizer.encode(text, bos=first_turn)
+        self.cache.check_room(len(ids) + 1)  # before any graph runs: room for the prompt and one answer token
+        timings.prompt_tokens = len(ids)
+        image_embeds = None
+        if pixel_values is not None:
+            vision_started = time.perf_counter()
+            image_embeds = pipe.image_embeds(pixel_values)
+            timings.vision = time.perf_counter() - vision_started
+            timings.graph_calls["vision"] += 1
+        yield from self._answer(ids, image_embeds, params, timings, started)
+
+    def ask_ids(self, ids: list[int], image_embeds=None, **sampling) -> list[int]:
+        """Run prompt ids (already templated) and return the new token ids; for tests and benchmarks."""
+        params = SamplingParams(**sampling)
+        timings = self.pipeline.timings = Timings(prompt_tokens=len(ids))
+        self.cache.check_room(len(ids) + 1)
+        out = []
+        for _ in self._answer(list(ids), image_embeds, params, timings, time.perf_counter(), out):
+            pass
+        return out
+
+    def _answer(self, ids, image_embeds, params: SamplingParams, timings: Timings, started: float, out=None):
+        pipe = self.pipeline
+        stop_ids = set(pipe.manifest.stop_ids)
+        sampler = Sampler(params)
+        decoder = StreamDecoder(pipe.tokenizer)
+        logits = pipe.forward(self.cache, ids, image_embeds, timings, prefill=True)
+        self.ids += ids
+        self.pending = []
+        budget = min(params.max_new_tokens, self.cache.room() + 1)
+        for step in range(budget):
+            step_started = time.perf_counter()
+            token = sampler(logits, self.ids)
+            if step == 0:
+                timings.first_token = time.perf_counter() - started
+            timings.new_tokens += 1
+            if out is not None:
+                out.append(token)
+            if token in stop_ids:
+                self.pending = [token]
+                break
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+            if step + 1 == budget:  # cut short: the next turn feeds this token and closes the answer
+                self.pending = [token, pipe.tokenizer.token_id(IM_END)]
+                break
+            logits = pipe.forward(self.cache, [token], None, timings)
+            self.ids.append(token)
+            timings.steps.append(time.perf_counter() - step_started)
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        timings.total = time.perf_counter() - started
