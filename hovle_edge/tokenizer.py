@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from hovle_edge.errors import InputError
@@ -18,6 +19,7 @@ IMAGE_PLACEHOLDER = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT,
                   "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 INTERNVL_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
                    "是一个有用无害的人工智能助手。")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "generation_config.json")
@@ -31,6 +33,7 @@ class Tokenizer:
         self.bos_id = backend.token_to_id("<s>")
         self.eos_id = backend.token_to_id("</s>")
         self.add_bos = add_bos and self.bos_id is not None
+        self.byte_ids = {i for token, i in backend.get_vocab().items() if BYTE_TOKEN.fullmatch(token)}
         chat_stops = [self.eos_id, backend.token_to_id(IM_START), backend.token_to_id(IM_END)]
         self.stop_ids = stop_tokens or [i for i in chat_stops if i is not None]
 
@@ -150,29 +153,31 @@ class ChatTemplate:
 
 
 class StreamDecoder:
-    """Turns token ids into text pieces as they arrive, holding back bytes of a character that is not
-    complete yet, so that the pieces concatenate to the decoded whole."""
+    """Turns token ids into text pieces as they arrive, so that the pieces concatenate to exactly
+    the decoding of all ids. Byte-fallback tokens are held back until their run ends (a run decodes
+    as one UTF-8 sequence), and each window keeps the previous token as left context (decoders strip
+    a leading space from the first token of what they decode)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.prefix = 0  # window start: decoding from here gives stable text
-        self.read = 0  # ids up to here have been emitted
+        self.start = 0  # the window decoded at each step begins here
+        self.shown = 0  # characters of the window's text already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        if text.endswith("\ufffd") and len(self.ids) - self.read < 4:  # maybe an incomplete UTF-8 character:
-            return ""  # wait for its next byte (at most 4 bytes make one character)
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
+        if token_id in self.tokenizer.byte_ids:
+            return ""
+        text = self.tokenizer.decode(self.ids[self.start:])
+        piece = text[self.shown:]
+        self.start = len(self.ids) - 1
+        self.shown = len(self.tokenizer.decode(self.ids[self.start:]))
+        return piece
 
     def flush(self) -> str:
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(before):]
+        piece = self.tokenizer.decode(self.ids[self.start:])[self.shown:]
+        self.start, self.shown = len(self.ids), 0
+        return piece
 
 
 def train_tokenizer(texts, vocab_size: int) -> Tokenizer:

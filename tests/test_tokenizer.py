@@ -138,3 +138,12 @@ def test_tokenizer_save_and_load(trained, tmp_path):
     again = Tokenizer.from_dir(str(tmp_path))
     assert again.encode("a red circle") == trained.encode("a red circle")
     assert again.stop_ids == trained.stop_ids
+
+
+def test_streaming_random_ids_including_invalid_byte_runs(trained):
+    rng = random.Random(1)
+    for _ in range(50):
+        ids = [rng.randrange(trained.vocab_size) for _ in range(rng.randint(1, 30))]
+        stream = StreamDecoder(trained)
+        pieces = [stream.push(i) for i in ids] + [stream.flush()]
+        assert "".join(pieces) == trained.decode(ids)

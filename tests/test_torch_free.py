@@ -35,3 +35,31 @@ def test_inputs_import_without_torch():
 def test_blocker_really_blocks():
     result = run_without_torch("import torch")
     assert result.returncode != 0 and "torch is blocked" in result.stderr
+
+
+def test_runtime_generates_without_torch(tiny_export):
+    result = run_without_torch(f"""
+        import hovle_edge.runtime
+        from hovle_edge.runtime import Pipeline
+        from PIL import Image
+        with Pipeline.from_dir({str(tiny_export)!r}) as pipe:
+            text = pipe.generate("what colour?", image=Image.new("RGB", (80, 60), "red"), max_new_tokens=4)
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_cli_help_without_torch():
+    for command in (["--help"], ["run", "--help"], ["chat", "--help"]):
+        result = run_without_torch(f"""
+            from hovle_edge.cli import main
+            sys.argv = ["hovle-edge"] + {command!r}
+            try:
+                main()
+            except SystemExit as e:
+                assert e.code == 0, e.code
+        """)
+        assert result.returncode == 0, result.stderr
+        assert "Usage" in result.stdout

@@ -44,14 +44,47 @@ class OnnxRuntimeBackend:
         self.on_device = device != "cpu"
         self.sessions = {}
         for name in GRAPHS:
-            options = self._options(threads)
-            if cache_optimized:
-                self._cache_optimized(options, manifest, name)
-            session = ort.InferenceSession(manifest.graph_path(name), options, providers=PROVIDERS[device])
+            session = self._session(manifest, name, threads, cache_optimized)
             if session.get_providers()[0] != wanted:  # onnxruntime falls back silently when CUDA libs are missing
                 raise BackendError(f"{name}.onnx: asked for {wanted} but onnxruntime gave "
                                    f"{session.get_providers()}; check the CUDA and cuDNN libraries")
             self.sessions[name] = session
+
+    def _session(self, manifest: Manifest, name: str, threads: int | None, cache_optimized: bool):
+        """A session for one graph. Its optimized form is cached beside the model, keyed by graph hash,
+        device and onnxruntime version, and loaded without optimizing again next time; when the folder
+        is read-only the model still runs, optimized in memory."""
+        options = self._options(threads)
+        path = manifest.graph_path(name)
+        cached = self._cache_path(manifest, name) if cache_optimized else None
+        if cached and os.path.isfile(cached):
+            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                return self.ort.InferenceSession(cached, options, providers=PROVIDERS[self.device])
+            except Exception:  # a cache left broken by an interrupted run: drop it and optimize again
+                for stale in (cached, cached + ".data"):
+                    if os.path.exists(stale):
+                        os.remove(stale)
+                options = self._options(threads)
+        if cached:
+            options.optimized_model_filepath = cached
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             os.path.basename(cached) + ".data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        return self.ort.InferenceSession(path, options, providers=PROVIDERS[self.device])
+
+    def _cache_path(self, manifest: Manifest, name: str) -> str | None:
+        if self.device == "tensorrt":  # the TensorRT provider keeps its own engine cache
+            return None
+        folder = os.path.join(manifest.directory, OPTIMIZED_CACHE)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:
+            return None
+        if not os.access(folder, os.W_OK):
+            return None
+        digest = manifest.data["files"][f"{name}.onnx"][:12]
+        return os.path.join(folder, f"{name}.{self.device}.ort{self.ort.__version__}.{digest}.onnx")
 
     def _options(self, threads: int | None):
         options = self.ort.SessionOptions()
@@ -60,21 +93,6 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         return options
-
-    def _cache_optimized(self, options, manifest: Manifest, name: str) -> None:
-        """Keep ONNX Runtime's optimized graph beside the model for inspection and reuse; skipped when
-        the folder is read-only (a model on read-only media still runs)."""
-        folder = os.path.join(manifest.directory, OPTIMIZED_CACHE)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError:
-            return
-        if not os.access(folder, os.W_OK):
-            return
-        stem = f"{name}.{self.device}.{self.ort.__version__}"
-        options.optimized_model_filepath = os.path.join(folder, f"{stem}.onnx")
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{stem}.onnx.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
 
     def run(self, graph: str, feeds: dict, device_outputs=()) -> dict:
         session = self.sessions[graph]

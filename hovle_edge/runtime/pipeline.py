@@ -153,19 +153,21 @@ class Conversation:
             timings.graph_calls["vision"] += 1
         yield from self._answer(ids, image_embeds, params, timings, started)
 
-    def ask_ids(self, ids: list[int], image_embeds=None, **sampling) -> list[int]:
-        """Run prompt ids (already templated) and return the new token ids; for tests and benchmarks."""
+    def ask_ids(self, ids: list[int], image_embeds=None, stop_ids=None, **sampling) -> list[int]:
+        """Run prompt ids (already templated) and return the new token ids; for tests and benchmarks
+        (`stop_ids=()` generates exactly max_new_tokens)."""
         params = SamplingParams(**sampling)
         timings = self.pipeline.timings = Timings(prompt_tokens=len(ids))
         self.cache.check_room(len(ids) + 1)
         out = []
-        for _ in self._answer(list(ids), image_embeds, params, timings, time.perf_counter(), out):
+        for _ in self._answer(list(ids), image_embeds, params, timings, time.perf_counter(), out, stop_ids):
             pass
         return out
 
-    def _answer(self, ids, image_embeds, params: SamplingParams, timings: Timings, started: float, out=None):
+    def _answer(self, ids, image_embeds, params: SamplingParams, timings: Timings, started: float, out=None,
+                stop_ids=None):
         pipe = self.pipeline
-        stop_ids = set(pipe.manifest.stop_ids)
+        stop_ids = set(pipe.manifest.stop_ids if stop_ids is None else stop_ids)
         sampler = Sampler(params)
         decoder = StreamDecoder(pipe.tokenizer)
         logits = pipe.forward(self.cache, ids, image_embeds, timings, prefill=True)
