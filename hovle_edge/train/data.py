@@ -1,0 +1,127 @@
+"""Training data as the stages read it: image-caption JSONL, conversation JSONL (InternVL/LLaVA
+format), image folders and random token sequences, turned into padded batches with labels. Every
+batch is a pure function of (seed, step, rank), so a resumed run sees the data it would have seen."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from hovle_edge.errors import InputError
+from hovle_edge.preprocess import load_image, preprocess_image
+from hovle_edge.tokenizer import IM_END, ChatTemplate, Tokenizer
+
+IGNORE = -100
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such data file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as e:
+                    raise InputError(f"{path}:{number}: not a JSON line ({e})") from e
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
+
+
+def image_files(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: no such image folder")
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise InputError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def picks(seed: int, step: int, rank: int, world: int, batch_size: int, count: int, micro: int = 0) -> list[int]:
+    """Record indices for one process's micro-batch: the global batch of a step is drawn from
+    (seed, step, micro) and split by rank, so one process with world x batch sees the same records."""
+    rng = random.Random(f"{seed}-{step}-{micro}")
+    chosen = [rng.randrange(count) for _ in range(batch_size * world)]
+    return chosen[rank * batch_size:(rank + 1) * batch_size]
+
+
+class Examples:
+    """Images + token ids + labels for the LM loss, built from records of either format."""
+
+    def __init__(self, path: str, tokenizer: Tokenizer, template: ChatTemplate, image_size: int, max_tiles: int,
+                 system: bool = True):
+        self.records = read_jsonl(path)
+        self.root = os.path.dirname(os.path.abspath(path))
+        self.tokenizer, self.template = tokenizer, template
+        self.image_size, self.max_tiles = image_size, max_tiles
+        self.system = system
+
+    def __len__(self):
+        return len(self.records)
+
+    def pixels(self, record: dict):
+        if "image" not in record:
+            return None
+        path = record["image"] if os.path.isabs(record["image"]) else os.path.join(self.root, record["image"])
+        return preprocess_image(load_image(path), max_num=self.max_tiles, image_size=self.image_size)
+
+    def example(self, index: int) -> tuple[list[int], list[int], np.ndarray | None]:
+        record = self.records[index]
+        pixels = self.pixels(record)
+        tiles = 0 if pixels is None else len(pixels)
+        if "conversations" in record:
+            ids, labels = encode_chat(self.tokenizer, self.template, record["conversations"], tiles, self.system)
+        elif "text" in record:
+            ids, labels = encode_caption(self.tokenizer, self.template, record["text"], tiles)
+        else:
+            raise InputError(f"record {index}: needs 'conversations' or 'text' (keys: {', '.join(record)})")
+        return ids, labels, pixels
+
+
+def encode_caption(tokenizer: Tokenizer, template: ChatTemplate, text: str, tiles: int) -> tuple[list, list]:
+    """[bos] image block, newline (no loss) + caption </s> (loss)."""
+    prompt = tokenizer.encode(template.image_block(tiles) + "\n" if tiles else "", bos=True)
+    target = tokenizer.encode(text) + [tokenizer.eos_id]
+    return prompt + target, [IGNORE] * len(prompt) + target
+
+
+def encode_chat(tokenizer: Tokenizer, template: ChatTemplate, turns: list[dict], tiles: int,
+                system: bool = True) -> tuple[list, list]:
+    """A conversation in the internlm2-chat template; loss on the assistant's tokens and <|im_end|>."""
+    ids = tokenizer.encode(template.system_block() if system else "", bos=True)
+    labels = [IGNORE] * len(ids)
+    im_end = tokenizer.token_id(IM_END)
+    for turn in turns:
+        if turn["from"] in ("human", "user"):
+            part = tokenizer.encode(template.user_turn(turn["value"], tiles))  # the image goes in the first turn
+            tiles = 0
+            ids += part
+            labels += [IGNORE] * len(part)
+        else:
+            part = tokenizer.encode(turn["value"]) + [im_end]
+            ids += part
+            labels += part
+    return ids, labels
+
+
+def collate(examples: list[tuple[list, list, np.ndarray | None]], pad_id: int) -> dict:
+    """Right-padded input_ids, attention_mask, labels and the images in sequence order."""
+    length = max(len(ids) for ids, _, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, target, _) in enumerate(examples):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(target)] = torch.tensor(target)
+        mask[row, :len(ids)] = 1
+    images = [torch.from_numpy(p) for _, _, p in examples if p is not None]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.cat(images) if images else None}

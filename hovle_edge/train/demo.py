@@ -1,0 +1,140 @@
+"""`hovle-edge demo`: the whole method in the shapes world on a CPU. Teacher and language model,
+the three stages, export to ONNX, questions on fresh scenes answered through the torch-free runtime,
+accuracy and latency written to report.json. Each step is skipped when its output is already there."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hovle_edge.files import atomic_file
+from hovle_edge.train import shapes
+from hovle_edge.train.loop import TrainSettings, finished
+
+
+@dataclass
+class DemoPlan:
+    """Sizes and steps; `quick` is the shortened version the tests run."""
+
+    caption_records: int = 2000
+    chat_records: int = 4000
+    distill_images: int = 1000
+    teacher_steps: int = 300
+    lm: TrainSettings = field(default_factory=lambda: TrainSettings(steps=250, batch_size=32, lr=2e-3, warmup=30))
+    distill: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, batch_size=16, lr=1e-3, warmup=20))
+    align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, batch_size=16, lr=1e-3, warmup=20))
+    instruct: TrainSettings = field(default_factory=lambda: TrainSettings(steps=400, batch_size=16, lr=5e-4, warmup=30))
+    embedding_layers: int = 4
+    questions: int = 200
+
+    @classmethod
+    def quick(cls) -> "DemoPlan":
+        return cls(caption_records=200, chat_records=400, distill_images=100, teacher_steps=20, questions=20,
+                   lm=TrainSettings(steps=20, batch_size=16, lr=2e-3, warmup=5),
+                   distill=TrainSettings(steps=10, batch_size=8, lr=1e-3, warmup=2),
+                   align=TrainSettings(steps=10, batch_size=8, lr=1e-3, warmup=2),
+                   instruct=TrainSettings(steps=10, batch_size=8, lr=5e-4, warmup=2), embedding_layers=2)
+
+
+def say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bool = True) -> dict:
+    from hovle_edge.export import export_model
+    from hovle_edge.train.lm import pretrain_lm
+    from hovle_edge.train.stages import run_stage
+    from hovle_edge.train.teacher import pretrain_teacher
+
+    plan = plan or DemoPlan()
+    started = time.perf_counter()
+    paths = {name: os.path.join(out, name) for name in
+             ("data", "teacher", "lm", "stage1-distill", "stage2-align", "stage3-instruct", "onnx")}
+    data = paths["data"]
+    if not os.path.isfile(os.path.join(data, "chat.jsonl")):
+        say("drawing the shapes world's training data")
+        shapes.write_dataset(os.path.join(data, "distill"), "caption", plan.distill_images, seed=1)
+        shapes.write_dataset(os.path.join(data, "held-out"), "caption", 64, seed=2)
+        shapes.write_dataset(data, "caption", plan.caption_records, seed=3)
+        shapes.write_dataset(data, "chat", plan.chat_records, seed=4)
+    if not os.path.isfile(os.path.join(paths["teacher"], "config.json")):
+        say("training the teacher vision encoder (stand-in for InternViT)")
+        pretrain_teacher(paths["teacher"], steps=plan.teacher_steps, progress=progress)
+    if not finished(paths["lm"]):
+        say("training the language model (stand-in for InternLM2)")
+        pretrain_lm(paths["lm"], plan.lm, progress=progress)
+    stages = [("distill", paths["lm"], paths["stage1-distill"], os.path.join(data, "distill", "images"), plan.distill),
+              ("align", paths["stage1-distill"], paths["stage2-align"], os.path.join(data, "caption.jsonl"), plan.align),
+              ("instruct", paths["stage2-align"], paths["stage3-instruct"], os.path.join(data, "chat.jsonl"), plan.instruct)]
+    for stage, init, target, stage_data, settings in stages:
+        if not finished(target):
+            say(f"stage {stage}")
+            run_stage(stage, init, target, data=stage_data, overrides=vars(settings), teacher=paths["teacher"],
+                      embedding={"num_hidden_layers": plan.embedding_layers, "image_size": shapes.DRAWN_SIZE},
+                      held_out=os.path.join(data, "held-out", "images"), progress=progress)
+    if not os.path.isfile(os.path.join(paths["onnx"], "manifest.json")):
+        say("exporting to ONNX")
+        export_model(paths["stage3-instruct"], paths["onnx"], max_context=1024, progress=progress)
+    say(f"answering {plan.questions} questions about fresh scenes")
+    report = evaluate(paths, plan.questions)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    with atomic_file(os.path.join(out, "report.json")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def evaluate(paths: dict, count: int) -> dict:
+    from hovle_edge.model import HoVLE
+    from hovle_edge.runtime import Pipeline
+    from hovle_edge.tokenizer import ChatTemplate, Tokenizer
+    from hovle_edge.train.evaluate import (percent, runtime_answer, scene_questions, text_questions,
+                                           torch_answer)
+    from hovle_edge.train.lm import lm_answer, load_lm
+
+    model = HoVLE.from_pretrained(paths["stage3-instruct"])
+    tokenizer = Tokenizer.from_dir(paths["stage3-instruct"])
+    template = ChatTemplate(model.config.tokens_per_tile, model.config.extra.get("system_message"))
+    items = scene_questions(count)
+    expected = [a for _, _, a in items]
+    torch_answers = [torch_answer(model, tokenizer, template, q, image) for image, q, _ in items]
+    with Pipeline.from_dir(paths["onnx"]) as pipe:
+        runtime_answers, ttft, per_token = [], [], []
+        for image, question, _ in items:
+            runtime_answers.append(runtime_answer(pipe, question, image))
+            ttft.append(pipe.timings.first_token)
+            per_token += pipe.timings.steps
+        texts = text_questions(100)
+        final_text = [runtime_answer(pipe, q) for q, _ in texts]
+    lm = load_lm(paths["lm"])
+    lm_template = ChatTemplate(0, shapes.SYSTEM)
+    lm_text = [lm_answer(lm, tokenizer, lm_template, q) for q, _ in texts]
+    by_kind = {}
+    for (_, question, answer), got in zip(items, runtime_answers):
+        kind = " ".join(question.split()[:2])
+        right, total = by_kind.get(kind, (0, 0))
+        by_kind[kind] = (right + (got == answer), total + 1)
+    report = {
+        "accuracy": percent(runtime_answers, expected),
+        "accuracy_pytorch": percent(torch_answers, expected),
+        "runtime_equals_pytorch": percent(runtime_answers, torch_answers),
+        "questions": count,
+        "accuracy_by_question": {k: round(100.0 * r / t, 1) for k, (r, t) in by_kind.items()},
+        "language_kept": percent(final_text, lm_text),
+        "text_questions": len(texts),
+        "lm_text_accuracy": percent(lm_text, [a for _, a in texts]),
+        "latency_ms": {"time_to_first_token_p50": 1000 * float(np.median(ttft)),
+                       "per_token_p50": 1000 * float(np.median(per_token)) if per_token else None},
+        "examples": [{"question": q, "expected": a, "answer": got} for (_, q, a), got in list(zip(items, runtime_answers))[:5]],
+    }
+    for name in ("stage1-distill",):
+        scores = os.path.join(paths[name], "distill_scores.json")
+        if os.path.isfile(scores):
+            with open(scores, encoding="utf-8") as f:
+                report["distill"] = {k: v for k, v in json.load(f).items() if k.endswith("cosine")}
+    return report

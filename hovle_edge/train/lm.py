@@ -1,0 +1,120 @@
+"""The stand-in for InternLM2: a tiny InternLM2-style LM trained on the shapes world's text (captions
+and text-only questions in the chat template), with the world's tokenizer. Saved as an InternLM2
+folder (config.json with the llm keys, `model.*` / `output.weight` tensors, tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import torch
+import torch.nn.functional as F
+
+from hovle_edge.config import LLMConfig
+from hovle_edge.model.llm import InternLM2ForCausalLM
+from hovle_edge.model.weights import check_state_dict, read_state_dict, save_state_dict
+from hovle_edge.tokenizer import ChatTemplate, Tokenizer
+from hovle_edge.train import shapes
+from hovle_edge.train.data import IGNORE, collate, encode_caption, encode_chat
+from hovle_edge.train.loop import Task, TrainSettings, train
+
+ARCHITECTURE = "InternLM2ForCausalLM"
+
+
+def shapes_lm_config(vocab_size: int) -> LLMConfig:
+    return LLMConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=768, vocab_size=vocab_size, max_position_embeddings=2048, rope_theta=10000.0)
+
+
+class LMModule(torch.nn.Module):
+    def __init__(self, model: InternLM2ForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        ids = batch["input_ids"]
+        mask = batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, _ = self.model(self.model.model.tok_embeddings(ids), positions, mask)
+        return next_token_loss(logits, batch["labels"])
+
+
+def next_token_loss(logits, labels):
+    """Mean cross entropy of predicting labels[t+1] at t; returns (loss, counted tokens)."""
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+    return loss, (target != IGNORE).sum()
+
+
+class PretrainLM(Task):
+    def __init__(self, tokenizer: Tokenizer, config: LLMConfig, seed: int):
+        self.tokenizer, self.seed = tokenizer, seed
+        self.template = ChatTemplate(tokens_per_tile=0, system=shapes.SYSTEM)
+        self.model = InternLM2ForCausalLM(config)
+        self.module = LMModule(self.model)
+
+    def example(self, index: int):
+        rng = random.Random(f"lm-{self.seed}-{index}")
+        if rng.random() < 0.5:
+            ids, labels = encode_caption(self.tokenizer, self.template, shapes.caption(shapes.scene(rng)), 0)
+        else:
+            question, answer = shapes.text_questions(rng)
+            ids, labels = encode_chat(self.tokenizer, self.template,
+                                      [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], 0)
+        return ids, labels, None
+
+    def batch(self, step, micro, rank, world, batch_size):
+        first = ((step * 64 + micro) * world + rank) * batch_size
+        return collate([self.example(first + i) for i in range(batch_size)], pad_id=self.tokenizer.eos_id)
+
+    def save(self, directory: str) -> None:
+        save_lm(self.model, self.tokenizer, directory)
+
+
+def save_lm(model: InternLM2ForCausalLM, tokenizer: Tokenizer, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    data = {**{k: v for k, v in vars(model.cfg).items() if k != "extra"}, **model.cfg.extra}
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    save_state_dict(model.state_dict(), directory, max_shard_bytes=5 * 2**30)
+    tokenizer.save(directory)
+
+
+def load_lm(directory: str) -> InternLM2ForCausalLM:
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    names = set(LLMConfig.__dataclass_fields__) - {"extra"}
+    config = LLMConfig(**{k: v for k, v in data.items() if k in names})
+    with torch.device("meta"):
+        model = InternLM2ForCausalLM(config)
+    state = read_state_dict(directory)
+    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, directory)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def pretrain_lm(out: str, settings: TrainSettings | None = None, progress: bool = True) -> dict:
+    """Train the tokenizer and the LM on the world's text; writes an InternLM2 folder to `out`."""
+    settings = settings or TrainSettings(steps=600, batch_size=32, lr=2e-3, warmup=30)
+    torch.manual_seed(settings.seed)
+    tokenizer = shapes.world_tokenizer()
+    task = PretrainLM(tokenizer, shapes_lm_config(tokenizer.vocab_size), settings.seed)
+    return train(task, settings, out, desc="pretrain-lm", progress=progress)
+
+
+@torch.no_grad()
+def lm_answer(model: InternLM2ForCausalLM, tokenizer: Tokenizer, template: ChatTemplate, question: str,
+              max_new_tokens: int = 8) -> str:
+    """Greedy answer of the LM alone to a text question in the chat template."""
+    ids = tokenizer.encode(template.prompt(question), bos=True)
+    new = []
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids + new])
+        positions = torch.arange(x.shape[1])[None]
+        logits, _ = model(model.model.tok_embeddings(x), positions, torch.ones_like(x))
+        token = int(logits[0, -1].argmax())
+        if token in tokenizer.stop_ids:
+            break
+        new.append(token)
+    return tokenizer.decode(new).strip()

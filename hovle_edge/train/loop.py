@@ -1,0 +1,206 @@
+"""The training loop every stage shares: AdamW, warmup + cosine, gradient accumulation and clipping,
+bf16 autocast on GPU, checkpoints in the official safetensors layout with the trainer's state beside
+them, exact resume, a progress bar, metrics.jsonl, and DistributedDataParallel under torchrun (the
+same command runs as one CPU process). A stage supplies a Task: a module whose forward(batch) returns
+(loss, tokens), the batches, and how to write its result."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from hovle_edge.files import atomic_directory
+
+CHECKPOINTS = "checkpoints"
+TRAIN_CONFIG = "train_config.json"
+
+
+def finished(out: str) -> bool:
+    """A stage's output is complete once its train_config.json is there."""
+    return os.path.isfile(os.path.join(out, TRAIN_CONFIG))
+
+
+def inherited(previous: str) -> dict:
+    """The previous stage's train_config.json, or {} when it has none."""
+    path = os.path.join(previous, TRAIN_CONFIG)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 16  # sequences per process per micro-step
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * this
+    warmup: int = 50
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    save_every: int = 0  # 0 saves only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+    log_every: int = 10
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class Task:
+    """What a stage gives the loop. `module` holds every trainable tensor (the model and any helper
+    such as a distillation projection); `model` is what the stage produces; `record` goes into the
+    output's train_config.json so that the next stage can inherit it."""
+
+    module: torch.nn.Module
+    model: torch.nn.Module
+    record: dict = {}
+
+    def batch(self, step: int, micro: int, rank: int, world: int, batch_size: int):
+        raise NotImplementedError
+
+    def save(self, directory: str) -> None:
+        raise NotImplementedError
+
+
+def lr_at(step: int, settings: TrainSettings) -> float:
+    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at the last step."""
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    return settings.lr * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def train(task: Task, settings: TrainSettings, out: str, desc: str = "train", progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Run (or resume) the stage; rank 0 writes checkpoints under out/checkpoints and the result
+    into `out`. `stop_after` ends the run early as an interruption would (for tests). Returns the
+    last metrics."""
+    rank, world = distributed()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    task.module.to(device)
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+    start = resume(task, optimizer, out)
+    runner = task.module
+    if world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(task.module, find_unused_parameters=True)
+    os.makedirs(out, exist_ok=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bar = tqdm(range(start, settings.steps), desc=desc, initial=start, total=settings.steps,
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    metrics = {}
+    for step in bar:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, settings)
+        total_loss, total_tokens = 0.0, 0
+        for micro in range(settings.grad_accum):
+            batch = to_device(task.batch(step, micro, rank, world, settings.batch_size), device)
+            with autocast:
+                loss, tokens = runner(batch)
+            (loss / settings.grad_accum).backward()
+            total_loss += float(loss.detach()) / settings.grad_accum
+            total_tokens += int(tokens)
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.clip) if settings.clip > 0 else torch.tensor(0.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        metrics = {"step": step + 1, "loss": total_loss, "lr": lr_at(step, settings), "grad_norm": float(norm),
+                   "tokens_per_s": total_tokens * world / seconds}
+        if rank == 0:
+            bar.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+                with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            last = step + 1 == settings.steps
+            if settings.save_every and (step + 1) % settings.save_every == 0 and not last:
+                save_checkpoint(task, optimizer, step + 1, settings, out)
+        if stop_after is not None and step + 1 >= stop_after:
+            return metrics
+    if rank == 0:
+        task.save(out)
+        with open(os.path.join(out, TRAIN_CONFIG), "w", encoding="utf-8") as f:  # written last: the stage is done
+            json.dump({"stage": desc, "settings": asdict(settings), "metrics": metrics, **task.record}, f, indent=2)
+        shutil.rmtree(os.path.join(out, CHECKPOINTS), ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return metrics
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def save_checkpoint(task: Task, optimizer, step: int, settings: TrainSettings, out: str) -> None:
+    """out/checkpoints/step-N: the model in the official layout, helper weights, optimizer, RNG."""
+    root = os.path.join(out, CHECKPOINTS)
+    with atomic_directory(os.path.join(root, f"step-{step:07d}")) as tmp:
+        task.save(tmp)
+        helpers = {k: v.detach().cpu().contiguous() for k, v in task.module.state_dict().items()
+                   if not k.startswith("model.")}
+        if helpers:
+            save_file(helpers, os.path.join(tmp, "helpers.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                   os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "settings": asdict(settings), "scheduler": {"lr": lr_at(step - 1, settings)},
+                       "files": ["optimizer.pt", "rng.pt"] + (["helpers.safetensors"] if helpers else [])}, f, indent=2)
+    kept = sorted(os.listdir(root))
+    for old in kept[:-settings.keep_checkpoints]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def latest_checkpoint(out: str) -> str | None:
+    root = os.path.join(out, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if d.startswith("step-") and
+                  os.path.isfile(os.path.join(root, d, "trainer_state.json")))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def resume(task: Task, optimizer, out: str) -> int:
+    """Load the last checkpoint under `out`, if any; returns the step to continue from."""
+    from hovle_edge.model.weights import read_state_dict
+
+    path = latest_checkpoint(out)
+    if path is None:
+        return 0
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    weights = {f"model.{k}": v for k, v in read_state_dict(path).items()}
+    if os.path.isfile(os.path.join(path, "helpers.safetensors")):
+        weights.update(load_file(os.path.join(path, "helpers.safetensors")))
+    task.module.load_state_dict(weights, strict=True)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return state["step"]

@@ -1,0 +1,158 @@
+"""Teachers for stage 1: modules mapping image tiles to patch features [T, N, W]. The shapes world's
+tiny vision encoder (the stand-in for InternViT, trained here on scene attributes), or any local
+Hugging Face vision model folder. Which one is read from the folder's config.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from hovle_edge.errors import ConfigError
+from hovle_edge.files import atomic_directory
+from hovle_edge.preprocess import normalize
+from hovle_edge.train import shapes
+
+ARCHITECTURE = "ShapesTeacher"
+
+
+class ShapesTeacher(nn.Module):
+    """A small ViT: 14x14 patches, a few pre-norm transformer layers, per-quadrant attribute heads."""
+
+    def __init__(self, image_size: int = 112, patch_size: int = 14, width: int = 128, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.config = dict(architectures=[ARCHITECTURE], image_size=image_size, patch_size=patch_size, width=width,
+                           layers=layers, heads=heads)
+        self.grid = image_size // patch_size
+        self.patch = nn.Conv2d(3, width, patch_size, stride=patch_size)
+        self.position = nn.Parameter(torch.randn(1, self.grid ** 2, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        # Attribute heads per quadrant; "none" is the last class of shape and colour.
+        self.shape_head = nn.Linear(width, len(shapes.SHAPES) + 1)
+        self.colour_head = nn.Linear(width, len(shapes.COLOURS) + 1)
+        self.size_head = nn.Linear(width, len(shapes.SIZES) + 1)
+
+    @property
+    def width(self) -> int:
+        return self.config["width"]
+
+    def forward(self, pixel_values):
+        """[T, 3, S, S] -> patch features [T, grid^2, width]."""
+        x = self.patch(pixel_values).flatten(2).transpose(1, 2) + self.position
+        return self.norm(self.encoder(x))
+
+    def quadrants(self, features):
+        """[T, grid^2, W] -> [T, 4, W]: mean feature of each quadrant in the order of shapes.POSITIONS."""
+        T, _, W = features.shape
+        half = self.grid // 2
+        grid = features.reshape(T, 2, half, 2, half, W)
+        return grid.mean(dim=(2, 4)).reshape(T, 4, W)
+
+
+def scene_targets(things) -> list[tuple[int, int, int]]:
+    """(shape, colour, size) class ids for each quadrant."""
+    at = {t.position: t for t in things}
+    out = []
+    for position in shapes.POSITIONS:
+        t = at.get(position)
+        out.append((len(shapes.SHAPES), len(shapes.COLOURS), len(shapes.SIZES)) if t is None else
+                   (shapes.SHAPES.index(t.shape), list(shapes.COLOURS).index(t.colour), shapes.SIZES.index(t.size)))
+    return out
+
+
+def scene_batch(seed: int, size: int, image_size: int):
+    pixels, targets = [], []
+    for i in range(size):
+        things, image = shapes.sample(seed * 100_003 + i)
+        pixels.append(torch.from_numpy(normalize(image.resize((image_size, image_size)))))
+        targets.append(scene_targets(things))
+    return torch.stack(pixels), torch.tensor(targets)
+
+
+def teacher_loss(teacher: ShapesTeacher, pixels, targets):
+    pooled = teacher.quadrants(teacher(pixels))  # [T, 4, W]
+    loss = 0.0
+    for k, head in enumerate((teacher.shape_head, teacher.colour_head, teacher.size_head)):
+        logits = head(pooled)
+        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[..., k].reshape(-1))
+    return loss
+
+
+def pretrain_teacher(out: str, steps: int = 300, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                     progress: bool = True) -> float:
+    """Train the shapes teacher on scene attributes; returns its attribute accuracy on fresh scenes."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    teacher = ShapesTeacher()
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr)
+    bar = tqdm(range(steps), desc="teacher", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
+        pixels, targets = scene_batch(seed * 1_000_000 + step, batch_size, teacher.config["image_size"])
+        loss = teacher_loss(teacher, pixels, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    accuracy = attribute_accuracy(teacher, seed=random.Random(seed).randrange(10**6) + 7_000_000)
+    with atomic_directory(out) as tmp:
+        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump({**teacher.config, "attribute_accuracy": accuracy}, f, indent=2)
+    return accuracy
+
+
+@torch.no_grad()
+def attribute_accuracy(teacher: ShapesTeacher, seed: int, count: int = 256) -> float:
+    pixels, targets = scene_batch(seed, count, teacher.config["image_size"])
+    pooled = teacher.quadrants(teacher(pixels))
+    right = sum((head(pooled).argmax(-1) == targets[..., k]).float().mean()
+                for k, head in enumerate((teacher.shape_head, teacher.colour_head, teacher.size_head)))
+    return float(right / 3)
+
+
+class HFVisionTeacher(nn.Module):
+    """A local Hugging Face vision model: patch features of its last hidden state, class token dropped."""
+
+    def __init__(self, directory: str):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        vision = getattr(config, "vision_config", config)
+        self.model = AutoModel.from_pretrained(directory, local_files_only=True)
+        self.model = getattr(self.model, "vision_model", self.model)
+        self.image_size = vision.image_size
+        self.width = vision.hidden_size
+
+    def forward(self, pixel_values):
+        if pixel_values.shape[-1] != self.image_size:
+            pixel_values = F.interpolate(pixel_values, size=(self.image_size, self.image_size), mode="bicubic",
+                                         align_corners=False)
+        hidden = self.model(pixel_values=pixel_values).last_hidden_state
+        grid = int(hidden.shape[1] ** 0.5)
+        return hidden[:, -grid * grid:]  # drop a leading class token when there is one
+
+
+def load_teacher(directory: str) -> nn.Module:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{directory}: no config.json for the teacher")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if ARCHITECTURE in config.get("architectures", []):
+        keys = ("image_size", "patch_size", "width", "layers", "heads")
+        teacher = ShapesTeacher(**{k: config[k] for k in keys})
+        teacher.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+    else:
+        teacher = HFVisionTeacher(directory)
+    return teacher.eval().requires_grad_(False)
