@@ -3,6 +3,8 @@ heavy imports happen inside the command so that `--help` and the runtime stay to
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import click
@@ -98,7 +100,8 @@ def sampling_options(command):
 def backend_options(command):
     options = [
         click.option("--model", "model_dir", required=True, type=click.Path(), help="A folder made by `hovle-edge export`."),
-        click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True),
+        click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+                     help="tensorrt runs engines from `hovle-edge build` (then --device cuda)."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True),
         click.option("--threads", type=int, default=None, help="CPU threads for the backend (default: all cores)."),
     ]
@@ -142,3 +145,196 @@ def chat(model_dir, backend, device, threads, image, **sampling):
     with Pipeline.from_dir(model_dir, backend=backend, device=device, threads=threads) as pipe:
         chat_loop(pipe, image, sampling, read=lambda: click.prompt("you", prompt_suffix="> ", default="",
                                                                    show_default=False), write=click.echo)
+
+
+def train_options(command):
+    """Settings of the shared training loop; unset ones come from the previous stage or the defaults."""
+    options = [
+        click.option("--steps", type=int, default=None),
+        click.option("--batch-size", type=int, default=None, help="Sequences per process per micro-step."),
+        click.option("--grad-accum", type=int, default=None),
+        click.option("--lr", type=float, default=None),
+        click.option("--warmup", type=int, default=None),
+        click.option("--clip", type=float, default=None, help="Gradient norm clip (0: off)."),
+        click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (a rerun resumes from the last)."),
+        click.option("--seed", type=int, default=None),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.group()
+def train():
+    """Train HoVLE in the paper's three stages (distill, align, instruct).
+
+    Runs on one CPU process as it is, or on many GPUs under
+    `torchrun --nproc_per_node N -m hovle_edge.cli train ...` (DistributedDataParallel).
+    """
+
+
+@train.command("distill")
+@click.option("--init", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A HoVLE checkpoint, or an InternLM2 folder to put a fresh holistic embedding in front of.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="A folder of images.")
+@click.option("--teacher", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A vision model folder: the shapes teacher or a Hugging Face vision model.")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A text file for the text tokens (default: random token sequences).")
+@click.option("--held-out", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Images to report the mean cosine to the teacher on.")
+@click.option("--embedding-layers", type=int, default=None, help="Layers of a fresh holistic embedding.")
+@click.option("--image-size", type=int, default=None, help="Tile size of a fresh holistic embedding.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@train_options
+def train_distill(init, data, teacher, text, held_out, embedding_layers, image_size, out, **settings):
+    """Stage 1: only the holistic embedding trains, pulled to the teacher and the LLM's embeddings."""
+    from hovle_edge.train.stages import run_stage
+
+    embedding = {k: v for k, v in (("num_hidden_layers", embedding_layers), ("image_size", image_size)) if v}
+    click.echo(json.dumps(run_stage("distill", init, out, data=data, overrides=settings, teacher=teacher, text=text,
+                                    embedding=embedding, held_out=held_out), indent=2))
+
+
+def supervised_command(stage: str, doc: str):
+    @train.command(stage, help=doc)
+    @click.option("--init", required=True, type=click.Path(exists=True, file_okay=False),
+                  help="The previous stage's output folder.")
+    @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+                  help="JSONL records (default: the previous stage's data when it was this stage).")
+    @click.option("--out", required=True, type=click.Path(file_okay=False))
+    @train_options
+    def command(init, data, out, **settings):
+        from hovle_edge.train.stages import run_stage
+
+        click.echo(json.dumps(run_stage(stage, init, out, data=data, overrides=settings), indent=2))
+
+    return command
+
+
+supervised_command("align", "Stage 2: holistic embedding + frozen LLM, next-token loss on image-caption JSONL "
+                            "({\"image\": path, \"text\": caption}).")
+supervised_command("instruct", "Stage 3: the whole model on conversation JSONL (InternVL/LLaVA format), loss on "
+                               "the assistant's tokens only.")
+
+
+@main.group()
+def shapes():
+    """The synthetic shapes world: data, the teacher and the language model stand-ins."""
+
+
+@shapes.command("pretrain-teacher")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--steps", type=int, default=300, show_default=True)
+def shapes_teacher(out, steps):
+    """Train the tiny vision encoder that plays InternViT, on scene attributes."""
+    from hovle_edge.train.teacher import pretrain_teacher
+
+    click.echo(f"attribute accuracy on fresh scenes: {100 * pretrain_teacher(out, steps=steps):.1f}%")
+
+
+@shapes.command("pretrain-lm")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@train_options
+def shapes_lm(out, **settings):
+    """Train the world's tokenizer and the tiny InternLM2-style LM that plays InternLM2."""
+    from hovle_edge.train.lm import pretrain_lm
+    from hovle_edge.train.loop import TrainSettings
+
+    base = vars(TrainSettings(steps=250, batch_size=32, lr=2e-3, warmup=30))
+    base.update({k: v for k, v in settings.items() if v is not None})
+    click.echo(json.dumps(pretrain_lm(out, TrainSettings.from_dict(base)), indent=2))
+
+
+@shapes.command("data")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--kind", type=click.Choice(["caption", "chat"]), required=True)
+@click.option("--count", type=int, default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def shapes_data(out, kind, count, seed):
+    """Write COUNT records of image-caption or conversation JSONL with their images."""
+    from hovle_edge.train.shapes import write_dataset
+
+    click.echo(f"wrote {write_dataset(out, kind, count, seed)}")
+
+
+@main.command()
+@click.option("--out", default="hovle-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Work folder; a second run reuses what is there.")
+@click.option("--quick", is_flag=True, help="A shortened run (a minute) that checks the path, not the accuracy.")
+def demo(out, quick):
+    """Train the shapes model (teacher, LM, three stages), export it to ONNX and answer questions on
+    fresh scenes through the torch-free runtime; prints accuracy and latency, writes report.json."""
+    from hovle_edge.train.demo import DemoPlan, run_demo
+
+    report = run_demo(out, DemoPlan.quick() if quick else DemoPlan())
+    click.echo(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
+    click.echo(f"accuracy {report['accuracy']:.1f}% on {report['questions']} questions; report in "
+               f"{os.path.join(out, 'report.json')}")
+
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(), default=None, help="A folder made by `hovle-edge export`.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--image", type=click.Path(dir_okay=False), default=None, help="Profile with this image (preprocessing timed).")
+@click.option("--tiles", type=int, default=None, help="Or: this many random tiles through the vision graph.")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Text tokens of the prompt.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens generated per run (stop tokens ignored).")
+@click.option("--runs", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every raw timing here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG here (needs matplotlib).")
+@click.option("--sweep", default=None, help="prompt-tokens=128,512,2048 or tiles=1,4,12 or new-tokens=...")
+@click.option("--roofline-only", is_flag=True, help="Only the decode bound from the model's numbers; runs nothing.")
+@click.option("--device-model", default=None, help="A device for the roofline: orin-nano, orin-nx, orin-agx, thor, "
+                                                   "rtx4090, h100, h200 or all (default all).")
+@click.option("--preset", default=None, help="With --roofline-only and no --model: a config preset (hovle-2.6b).")
+@click.option("--contexts", default="128,512,2048", show_default=True, help="Contexts for --roofline-only.")
+def profile(model_dir, backend, device, threads, image, tiles, prompt_tokens, new_tokens, runs, warmup, json_path,
+            plot_path, sweep, roofline_only, device_model, preset, contexts):
+    """Measure latency on the real pipeline (p50/p90/p99 of every stage) and place decode speed on
+    a memory-bandwidth roofline; `--roofline-only` sizes an edge device with no GPU present."""
+    from hovle_edge.runtime.profile_command import run_profile
+
+    try:
+        context_list = [int(c) for c in contexts.split(",")]
+    except ValueError:
+        raise click.BadParameter("whole numbers separated by commas", param_hint="--contexts")
+    click.echo(run_profile(model_dir, backend, device, threads, image, tiles, prompt_tokens, new_tokens, runs, warmup,
+                           json_path, plot_path, sweep, roofline_only, device_model, preset, context_list))
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A folder made by `hovle-edge export`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The engine folder to write.")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="fp16 by builder flag on TensorRT 10; strongly typed builds (11, RTX) take the export's precision.")
+@click.option("--max-context", type=int, default=None, help="Longest conversation (default: the export's).")
+@click.option("--max-prompt", type=int, default=None, help="Longest prefill (default: the context).")
+@click.option("--max-tiles", type=int, default=None, help="Most image tiles at once (default: the model's, with thumbnail).")
+@click.option("--max-batch", type=int, default=1, show_default=True)
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="Read and update this timing cache.")
+@click.option("--workspace", type=float, default=4.0, show_default=True, help="Builder workspace in GiB.")
+@click.option("--flavour", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
+              help="Default: the one installed.")
+@click.option("--overwrite", is_flag=True)
+def build(model_dir, out, precision, max_context, max_prompt, max_tiles, max_batch, timing_cache, workspace, flavour,
+          overwrite):
+    """Build one TensorRT engine per graph with prefill and decode profiles (needs a GPU and
+    tensorrt or tensorrt_rtx). Unchanged graphs come from the engine cache."""
+    from hovle_edge.engines.builder import build_engines
+
+    record = build_engines(model_dir, out, precision=precision, max_context=max_context, max_prompt=max_prompt,
+                           max_tiles=max_tiles, max_batch=max_batch, timing_cache=timing_cache,
+                           workspace_gib=workspace, flavour=flavour, overwrite=overwrite, log=click.echo)
+    for graph, entry in record["engines"].items():
+        click.echo(f"{graph:<10} {entry['build_seconds']:8.1f} s  profiles {', '.join(p['name'] for p in entry['profiles'])}")
+    click.echo(f"wrote {out} ({record['flavour']} {record['tensorrt_version']}, {record['gpu']}, sm {record['compute_capability']})")
+
+
+if __name__ == "__main__":  # for `torchrun -m hovle_edge.cli ...`
+    main()

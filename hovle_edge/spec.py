@@ -80,6 +80,24 @@ class Stack:
     heads: int
     kv_heads: int
     head_dim: int
+    intermediate: int
+
+
+def model_section(config) -> dict:
+    """The manifest's "model" numbers for a HoVLEConfig; the runtime and the roofline read only these."""
+    emb, llm = config.embedding_config, config.llm_config
+
+    def stack(cfg) -> dict:
+        return {"layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                "head_dim": cfg.head_dim, "intermediate": cfg.intermediate_size}
+
+    return {
+        "hidden": llm.hidden_size, "vocab": llm.vocab_size, "image_size": emb.image_size,
+        "patch_size": emb.patch_size, "tokens_per_tile": emb.tokens_per_tile,
+        "min_tiles": config.min_dynamic_patch, "max_tiles": config.max_dynamic_patch,
+        "use_thumbnail": config.use_thumbnail,
+        "stacks": {"embedding": stack(emb), "llm": stack(llm)},
+    }
 
 
 @dataclass
@@ -119,9 +137,12 @@ class Manifest:
         graph = self.data["graphs"][name]
         return ([TensorSpec.from_json(t) for t in graph["inputs"]], [TensorSpec.from_json(t) for t in graph["outputs"]])
 
-    def verify_files(self) -> None:
-        """Every file the manifest lists exists and has the hash it had at export."""
+    def verify_files(self, graphs: bool = True) -> None:
+        """Every file the manifest lists exists and has the hash it had at export (with graphs=False,
+        the ONNX graphs are skipped: an engine folder carries engines instead)."""
         for name, expected in self.data["files"].items():
+            if not graphs and (name.endswith(".onnx") or name.endswith(".onnx.data")):
+                continue
             path = os.path.join(self.directory, name)
             if not os.path.isfile(path):
                 raise ModelFolderError(f"{path}: listed in {MANIFEST} but missing")

@@ -24,8 +24,9 @@ def test_folder_contents_and_manifest(tiny_export, tiny_checkpoint):
     for name in ("vision.onnx", "vision.onnx.data", "embedding.onnx.data", "decoder.onnx.data", "tokenizer.json"):
         assert name in data["files"]
     assert data["precision"] == "fp32" and data["opset"] == 18
-    assert data["model"]["stacks"] == {"embedding": {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16},
-                                       "llm": {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16}}
+    assert data["model"]["stacks"] == {
+        "embedding": {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "intermediate": 128},
+        "llm": {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "intermediate": 128}}
     assert data["model"]["tokens_per_tile"] == 4 and data["tokens"]["img_context"] == 7
     assert data["tokens"]["stop_ids"] == [2, 3, 4]
     assert len(data["checkpoint_sha256"]) == 64

@@ -32,7 +32,7 @@ def test_greedy_with_image_equals_pytorch(pipe, image, tiny_checkpoint):
     pixels = pipe.pixel_values(image, None)
     assert len(pixels) == 3  # 2 tiles and the thumbnail
     ids = pipe.tokenizer.encode(pipe.template.prompt("what colour is the square?", tiles=3), bos=True)
-    tokens = pipe.conversation().ask_ids(ids, pipe.image_embeds(pixels), max_new_tokens=24)
+    tokens = pipe.conversation().ask_ids(ids, pixels, max_new_tokens=24)
     reference = HoVLE.from_pretrained(str(tiny_checkpoint))
     expected = generate(reference, torch.tensor([ids]), torch.from_numpy(pixels), max_new_tokens=24,
                         stop_ids=set(pipe.manifest.stop_ids))
@@ -73,7 +73,7 @@ def test_follow_up_runs_only_its_own_tokens_and_matches_a_fresh_run(pipe, image)
     all_ids = chat.ids[:before] + turn_ids
     fresh = pipe.conversation()
     pixels = pipe.pixel_values(image, None)
-    fresh_tokens = fresh.ask_ids(all_ids, pipe.image_embeds(pixels), max_new_tokens=8)
+    fresh_tokens = fresh.ask_ids(all_ids, pixels, max_new_tokens=8)
     answer = pipe.tokenizer.decode([t for t in fresh_tokens if t not in pipe.manifest.stop_ids])
     assert answer == second
 

@@ -86,7 +86,7 @@ def copy_tokenizer(checkpoint: str, directory: str, tokenizer: Tokenizer) -> Non
 
 def build_manifest(config, tokenizer: Tokenizer, graphs: dict, precision: str, opset: int, max_context: int,
                    checkpoint: str, directory: str) -> dict:
-    emb, llm = config.embedding_config, config.llm_config
+    emb = config.embedding_config
     files = sorted(f for f in os.listdir(directory) if not f.startswith("."))
     return {
         "format": spec.MANIFEST_FORMAT,
@@ -96,18 +96,7 @@ def build_manifest(config, tokenizer: Tokenizer, graphs: dict, precision: str, o
         "precision": precision,
         "opset": opset,
         "max_context": max_context,
-        "model": {
-            "hidden": llm.hidden_size, "vocab": llm.vocab_size, "image_size": emb.image_size,
-            "patch_size": emb.patch_size, "tokens_per_tile": emb.tokens_per_tile,
-            "min_tiles": config.min_dynamic_patch, "max_tiles": config.max_dynamic_patch,
-            "use_thumbnail": config.use_thumbnail,
-            "stacks": {
-                "embedding": {"layers": emb.num_hidden_layers, "heads": emb.num_attention_heads,
-                              "kv_heads": emb.num_key_value_heads, "head_dim": emb.head_dim},
-                "llm": {"layers": llm.num_hidden_layers, "heads": llm.num_attention_heads,
-                        "kv_heads": llm.num_key_value_heads, "head_dim": llm.head_dim},
-            },
-        },
+        "model": spec.model_section(config),
         "tokens": {
             "img_context": emb.img_context_token_id, "img_start": tokenizer.token_id(IMG_START),
             "img_end": tokenizer.token_id(IMG_END), "im_start": tokenizer.token_id(IM_START),

@@ -77,7 +77,7 @@ def verify_model(checkpoint: str, model_dir: str, image=None, prompt: str = "Wha
             logits = reference(torch.tensor([ids]), pixel_values=torch.from_numpy(pixels)).logits[0, -1]
         prefill = pipe.forward(pipe.conversation().cache, ids, embeds, Timings(), prefill=True)
         report.rows.append(named(compare("end2end", "real", logits, prefill), "logits"))
-        report.runtime_tokens = pipe.conversation().ask_ids(ids, embeds, max_new_tokens=new_tokens)
+        report.runtime_tokens = pipe.conversation().ask_ids(ids, pixels, max_new_tokens=new_tokens)
     report.reference_tokens = generate(reference, torch.tensor([ids]), torch.from_numpy(pixels),
                                        max_new_tokens=new_tokens, stop_ids=set(manifest.stop_ids))
     return report

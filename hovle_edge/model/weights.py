@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -12,10 +13,10 @@ from safetensors.torch import save_file
 
 from hovle_edge.config import HoVLEConfig
 from hovle_edge.errors import CheckpointError
-from hovle_edge.files import atomic_directory
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def checkpoint_files(directory: str) -> list[str]:
@@ -109,12 +110,20 @@ def save_state_dict(state: dict[str, torch.Tensor], directory: str, max_shard_by
 
 
 def save_model(model, directory: str, max_shard_bytes: int = 5 * 2**30, extra_files: dict[str, str] | None = None) -> None:
-    """Write config.json and the weights into `directory`, whole or not at all. `extra_files` maps
-    names to source paths copied alongside (tokenizer files)."""
+    """Write config.json and the weights into `directory` (other files there are left alone). Each file
+    is written in full beside it first and then moved in, so none is ever half-written; the weight
+    files of an earlier save are removed. `extra_files` maps names to paths copied alongside."""
     import shutil
+    import tempfile
 
-    with atomic_directory(directory) as tmp:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".saving-", dir=directory) as tmp:
         model.config.save_pretrained(tmp)
         save_state_dict(model.state_dict(), tmp, max_shard_bytes)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, os.path.join(tmp, name))
+        for name in os.listdir(directory):
+            if name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(name):
+                os.remove(os.path.join(directory, name))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))

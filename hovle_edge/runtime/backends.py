@@ -122,7 +122,18 @@ class OnnxRuntimeBackend:
         self.close()
 
 
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
 def make_backend(name: str, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+    """onnxruntime (device cpu, cuda or tensorrt: its execution providers) or tensorrt (engines
+    built by `hovle-edge build`, on the GPU)."""
     if name == "onnxruntime":
         return OnnxRuntimeBackend(manifest, device=device, threads=threads)
-    raise BackendError(f"backend {name!r}: choose onnxruntime")
+    if name == "tensorrt":
+        if device == "cpu":
+            raise BackendError("the tensorrt backend runs on the GPU: use --device cuda")
+        from hovle_edge.runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(manifest)
+    raise BackendError(f"backend {name!r}: choose one of {', '.join(BACKENDS)}")

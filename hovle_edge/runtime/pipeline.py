@@ -51,7 +51,9 @@ class Pipeline:
     @classmethod
     def from_dir(cls, model_dir: str, backend: str = "onnxruntime", device: str = "cpu",
                  threads: int | None = None) -> "Pipeline":
-        manifest = load_manifest(model_dir)
+        """A folder made by `hovle-edge export` (onnxruntime) or `hovle-edge build` (tensorrt)."""
+        manifest = load_manifest(model_dir, verify=False)
+        manifest.verify_files(graphs=backend != "tensorrt")  # an engine folder holds engines, not ONNX graphs
         return cls(manifest, make_backend(backend, manifest, device=device, threads=threads), Tokenizer.from_dir(model_dir))
 
     def close(self):
@@ -95,7 +97,7 @@ class Pipeline:
         positions, mask = cache.step_inputs(len(ids))
         if image_embeds is None:  # the graph takes one dummy row when no position is an image token
             image_embeds = np.zeros((1, self.hidden), dtype=self.manifest.kv_dtype)
-        device_outputs = cache.embedding.presents + cache.llm.presents
+        device_outputs = cache.embedding.presents + cache.llm.presents + ["inputs_embeds"]  # stay on a GPU
         started = time.perf_counter()
         emb = self.backend.run("embedding", {"input_ids": input_ids, "image_embeds": image_embeds,
                                              "position_ids": positions, "attention_mask": mask,
@@ -145,24 +147,34 @@ class Conversation:
         ids = self.pending + pipe.tokenizer.encode(text, bos=first_turn)
         self.cache.check_room(len(ids) + 1)  # before any graph runs: room for the prompt and one answer token
         timings.prompt_tokens = len(ids)
-        image_embeds = None
-        if pixel_values is not None:
-            vision_started = time.perf_counter()
-            image_embeds = pipe.image_embeds(pixel_values)
-            timings.vision = time.perf_counter() - vision_started
-            timings.graph_calls["vision"] += 1
+        image_embeds = None if pixel_values is None else self._vision(pixel_values, timings)
         yield from self._answer(ids, image_embeds, params, timings, started)
 
-    def ask_ids(self, ids: list[int], image_embeds=None, stop_ids=None, **sampling) -> list[int]:
-        """Run prompt ids (already templated) and return the new token ids; for tests and benchmarks
-        (`stop_ids=()` generates exactly max_new_tokens)."""
+    def ask_ids(self, ids: list[int], pixel_values: np.ndarray | None = None, image=None, stop_ids=None,
+                **sampling) -> list[int]:
+        """Run prompt ids (already templated, with the image block for `pixel_values` [tiles, 3, S, S],
+        or for `image`, preprocessed here) and return the new token ids; for verification, profiling
+        and benchmarks (`stop_ids=()` generates exactly max_new_tokens)."""
         params = SamplingParams(**sampling)
-        timings = self.pipeline.timings = Timings(prompt_tokens=len(ids))
         self.cache.check_room(len(ids) + 1)
+        timings = self.pipeline.timings = Timings(prompt_tokens=len(ids))
+        started = time.perf_counter()
+        if image is not None:
+            pixel_values = self.pipeline.pixel_values(image, None)
+            timings.preprocess = time.perf_counter() - started
+        image_embeds = None if pixel_values is None else self._vision(pixel_values, timings)
         out = []
-        for _ in self._answer(list(ids), image_embeds, params, timings, time.perf_counter(), out, stop_ids):
+        for _ in self._answer(list(ids), image_embeds, params, timings, started, out, stop_ids):
             pass
         return out
+
+    def _vision(self, pixel_values: np.ndarray, timings: Timings) -> np.ndarray:
+        started = time.perf_counter()
+        image_embeds = self.pipeline.image_embeds(pixel_values)
+        timings.vision = time.perf_counter() - started
+        timings.graph_calls["vision"] += 1
+        timings.tiles = len(pixel_values)
+        return image_embeds
 
     def _answer(self, ids, image_embeds, params: SamplingParams, timings: Timings, started: float, out=None,
                 stop_ids=None):

@@ -24,11 +24,11 @@ class DemoPlan:
     caption_records: int = 2000
     chat_records: int = 4000
     distill_images: int = 1000
-    teacher_steps: int = 300
-    lm: TrainSettings = field(default_factory=lambda: TrainSettings(steps=250, batch_size=32, lr=2e-3, warmup=30))
+    teacher_steps: int = 600
+    lm: TrainSettings = field(default_factory=lambda: TrainSettings(steps=300, batch_size=32, lr=2e-3, warmup=30))
     distill: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, batch_size=16, lr=1e-3, warmup=20))
-    align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, batch_size=16, lr=1e-3, warmup=20))
-    instruct: TrainSettings = field(default_factory=lambda: TrainSettings(steps=400, batch_size=16, lr=5e-4, warmup=30))
+    align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=300, batch_size=16, lr=1e-3, warmup=20))
+    instruct: TrainSettings = field(default_factory=lambda: TrainSettings(steps=400, batch_size=16, lr=1e-3, warmup=30))
     embedding_layers: int = 4
     questions: int = 200
 
@@ -53,6 +53,14 @@ def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bo
 
     plan = plan or DemoPlan()
     started = time.perf_counter()
+    seconds = {}
+
+    def timed(name, work, *args, **kwargs):
+        began = time.perf_counter()
+        result = work(*args, **kwargs)
+        seconds[name] = round(time.perf_counter() - began, 1)
+        return result
+
     paths = {name: os.path.join(out, name) for name in
              ("data", "teacher", "lm", "stage1-distill", "stage2-align", "stage3-instruct", "onnx")}
     data = paths["data"]
@@ -64,25 +72,26 @@ def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bo
         shapes.write_dataset(data, "chat", plan.chat_records, seed=4)
     if not os.path.isfile(os.path.join(paths["teacher"], "config.json")):
         say("training the teacher vision encoder (stand-in for InternViT)")
-        pretrain_teacher(paths["teacher"], steps=plan.teacher_steps, progress=progress)
+        timed("teacher", pretrain_teacher, paths["teacher"], steps=plan.teacher_steps, progress=progress)
     if not finished(paths["lm"]):
         say("training the language model (stand-in for InternLM2)")
-        pretrain_lm(paths["lm"], plan.lm, progress=progress)
+        timed("lm", pretrain_lm, paths["lm"], plan.lm, progress=progress)
     stages = [("distill", paths["lm"], paths["stage1-distill"], os.path.join(data, "distill", "images"), plan.distill),
               ("align", paths["stage1-distill"], paths["stage2-align"], os.path.join(data, "caption.jsonl"), plan.align),
               ("instruct", paths["stage2-align"], paths["stage3-instruct"], os.path.join(data, "chat.jsonl"), plan.instruct)]
     for stage, init, target, stage_data, settings in stages:
         if not finished(target):
             say(f"stage {stage}")
-            run_stage(stage, init, target, data=stage_data, overrides=vars(settings), teacher=paths["teacher"],
+            timed(stage, run_stage, stage, init, target, data=stage_data, overrides=vars(settings), teacher=paths["teacher"],
                       embedding={"num_hidden_layers": plan.embedding_layers, "image_size": shapes.DRAWN_SIZE},
                       held_out=os.path.join(data, "held-out", "images"), progress=progress)
     if not os.path.isfile(os.path.join(paths["onnx"], "manifest.json")):
         say("exporting to ONNX")
-        export_model(paths["stage3-instruct"], paths["onnx"], max_context=1024, progress=progress)
+        timed("export", export_model, paths["stage3-instruct"], paths["onnx"], max_context=1024, progress=progress)
     say(f"answering {plan.questions} questions about fresh scenes")
-    report = evaluate(paths, plan.questions)
+    report = timed("evaluate", evaluate, paths, plan.questions)
     report["seconds"] = round(time.perf_counter() - started, 1)
+    report["seconds_by_step"] = seconds  # only the steps this run did; reused ones are absent
     with atomic_file(os.path.join(out, "report.json")) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

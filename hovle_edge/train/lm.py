@@ -55,13 +55,20 @@ class PretrainLM(Task):
         self.module = LMModule(self.model)
 
     def example(self, index: int):
+        """A caption; a question about a scene told in words; or a question about numbers and shapes."""
         rng = random.Random(f"lm-{self.seed}-{index}")
-        if rng.random() < 0.5:
+        kind = rng.random()
+        if kind < 0.3:
             ids, labels = encode_caption(self.tokenizer, self.template, shapes.caption(shapes.scene(rng)), 0)
+            return ids, labels, None
+        if kind < 0.7:
+            things = shapes.scene(rng)
+            question, answer = rng.choice(shapes.questions(things, rng))
+            question = f"{shapes.caption(things)}. {question}"
         else:
             question, answer = shapes.text_questions(rng)
-            ids, labels = encode_chat(self.tokenizer, self.template,
-                                      [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], 0)
+        ids, labels = encode_chat(self.tokenizer, self.template,
+                                  [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], 0)
         return ids, labels, None
 
     def batch(self, step, micro, rank, world, batch_size):

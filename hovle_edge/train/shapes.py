@@ -149,7 +149,7 @@ def write_dataset(directory: str, kind: str, count: int, seed: int) -> str:
             else:
                 asked = questions(things, rng)
                 turns = []
-                for n, (q, a) in enumerate(rng.sample(asked, k=min(2, len(asked)))):
+                for n, (q, a) in enumerate(rng.sample(asked, k=min(3, len(asked)))):
                     turns += [{"from": "human", "value": ("<image>\n" if n == 0 else "") + q}, {"from": "gpt", "value": a}]
                 record = {"image": name, "conversations": turns}
             f.write(json.dumps(record) + "\n")

@@ -23,7 +23,7 @@ from hovle_edge.model import HoVLE
 from hovle_edge.model.weights import save_model
 from hovle_edge.preprocess import load_image, preprocess_image
 from hovle_edge.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, TOKENIZER_FILES, ChatTemplate, Tokenizer
-from hovle_edge.train.data import Examples, collate, image_files
+from hovle_edge.train.data import Examples, collate, image_files, picks
 from hovle_edge.train.lm import ARCHITECTURE as LM_ARCHITECTURE, load_lm, next_token_loss
 from hovle_edge.train.loop import Task, TrainSettings, inherited, train
 from hovle_edge.train.teacher import load_teacher
@@ -144,21 +144,24 @@ class Distill(HoVLETask):
         size = self.model.config.image_size
         return torch.from_numpy(preprocess_image(load_image(self.images[index]), max_num=1, image_size=size))
 
-    def text_batch(self, rng: random.Random, count: int):
+    def text_ids(self, rng: random.Random):
+        """One text sequence: a window of --text, or random tokens that are never an image position."""
+        if self.text is not None and len(self.text) > self.text_length:
+            start = rng.randrange(len(self.text) - self.text_length)
+            return self.text[start:start + self.text_length]
         vocab = self.model.config.llm_config.vocab_size
         context = self.model.config.embedding_config.img_context_token_id
-        if self.text is not None and len(self.text) > self.text_length:
-            starts = [rng.randrange(len(self.text) - self.text_length) for _ in range(count)]
-            return torch.tensor([self.text[s:s + self.text_length] for s in starts])
-        ids = torch.tensor([[rng.randrange(vocab) for _ in range(self.text_length)] for _ in range(count)])
-        return torch.where(ids == context, ids + 1, ids) % vocab  # random tokens, never an image position
+        ids = [rng.randrange(vocab) for _ in range(self.text_length)]
+        return [(i + 1) % vocab if i == context else i for i in ids]
 
     def batch(self, step, micro, rank, world, batch_size):
-        rng = random.Random(f"distill-{self.seed}-{step}-{micro}-{rank}")
-        pixels = torch.cat([self.tile(rng.randrange(len(self.images))) for _ in range(batch_size)])
+        images = picks(self.seed, step, rank, world, batch_size, len(self.images), micro)
+        texts = picks(self.seed + 1, step, rank, world, batch_size, 1 << 30, micro)
+        pixels = torch.cat([self.tile(i) for i in images])
         with torch.no_grad():
             features = pool_tokens(self.teacher(pixels), self.tokens)
-        return {"pixel_values": pixels, "teacher_features": features, "text_ids": self.text_batch(rng, batch_size)}
+        text_ids = torch.tensor([self.text_ids(random.Random(i)) for i in texts])
+        return {"pixel_values": pixels, "teacher_features": features, "text_ids": text_ids}
 
     @torch.no_grad()
     def scores(self, images: list[str], count: int = 64) -> dict:
@@ -167,7 +170,7 @@ class Distill(HoVLETask):
                             for p in images[:count]])
         features = pool_tokens(self.teacher(pixels), self.tokens)
         image = cosine(self.module.projection(self.module.image_tokens(pixels)), features).mean()
-        ids = self.text_batch(random.Random(12345), count)
+        ids = torch.tensor([self.text_ids(random.Random(-1 - i)) for i in range(count)])
         text = cosine(self.module.text_tokens(ids), self.model.language_model.model.tok_embeddings(ids)).mean()
         return {"image_cosine": float(image), "text_cosine": float(text)}
 
@@ -196,8 +199,6 @@ class Supervised(HoVLETask):
         self.seed = seed
 
     def batch(self, step, micro, rank, world, batch_size):
-        from hovle_edge.train.data import picks
-
         indices = picks(self.seed, step, rank, world, batch_size, len(self.examples), micro)
         return collate([self.examples.example(i) for i in indices], pad_id=self.tokenizer.eos_id)
 

@@ -1,0 +1,1 @@
+"""ONNX -> TensorRT engines (standard TensorRT or TensorRT for RTX), built from the manifest."""

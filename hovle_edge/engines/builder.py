@@ -1,0 +1,114 @@
+"""`hovle-edge build`: one TensorRT engine per graph of an exported folder, with the optimization
+profiles of profiles.py, fp16 from builder flags where TensorRT has them (10.x) or from an fp16 export
+where networks are strongly typed (11, TensorRT for RTX), a timing cache reused across builds, and an
+engine cache so that an unchanged model is not rebuilt. The engine folder carries the manifest and
+the tokenizer, so `run`, `chat` and `profile` take it as --model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from hovle_edge.engines import cache as engine_cache
+from hovle_edge.engines.flavours import compute_capability, import_flavour, pick_flavour, strongly_typed
+from hovle_edge.engines.profiles import graph_profiles, limits_for
+from hovle_edge.errors import ExportError
+from hovle_edge.files import atomic_directory, atomic_file, sha256_file
+from hovle_edge.spec import GRAPHS, MANIFEST, load_manifest
+from hovle_edge.tokenizer import TOKENIZER_FILES
+
+
+def parse(trt, network, path: str) -> None:
+    """Parse an ONNX file; the parser's errors are raised with the node that failed."""
+    parser = trt.OnnxParser(network, trt.Logger(trt.Logger.WARNING))
+    if parser.parse_from_file(path):
+        return
+    errors = []
+    for i in range(parser.num_errors):
+        error = parser.get_error(i)
+        errors.append(f"node {error.node()} ({error.node_name()}, {error.node_operator()}): {error.desc()}")
+    raise ExportError(f"{path}: TensorRT could not parse it:\n  " + "\n  ".join(errors))
+
+
+def build_engine(trt, onnx_path: str, profiles: list, inputs, precision: str, workspace_gib: float,
+                 timing_cache: bytes | None) -> tuple[bytes, bytes | None]:
+    """(serialized engine, serialized timing cache)."""
+    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    typed = strongly_typed(trt)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed else 0
+    network = builder.create_network(flags)
+    parse(trt, network, onnx_path)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if precision == "fp16" and not typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    cache = None
+    if hasattr(config, "create_timing_cache"):  # TensorRT for RTX has a runtime cache instead
+        cache = config.create_timing_cache(timing_cache or b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    for profile in profiles:
+        optimization = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile.shapes(inputs).items():
+            optimization.set_shape(name, low, opt, high)
+        config.add_optimization_profile(optimization)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise ExportError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
+    serialized_cache = bytes(config.get_timing_cache().serialize()) if cache is not None else None
+    return bytes(engine), serialized_cache
+
+
+def build_engines(model_dir: str, out: str, precision: str = "fp16", max_context: int | None = None,
+                  max_prompt: int | None = None, max_tiles: int | None = None, max_batch: int = 1, timing_cache: str | None = None,
+                  workspace_gib: float = 4.0, flavour: str | None = None, cache_dir: str | None = None,
+                  overwrite: bool = False, log=print) -> dict:
+    """Build (or take from the engine cache) every graph's engine into `out`; returns engines.json."""
+    manifest = load_manifest(model_dir)
+    if manifest.precision == "fp32" and precision == "fp16":
+        log("note: an fp32 export; strongly typed TensorRT builds keep it fp32 (export with --dtype fp16 for fp16)")
+    flavour = pick_flavour(flavour)
+    trt = import_flavour(flavour)
+    gpu, capability = compute_capability()
+    limits = limits_for(manifest, max_context=max_context, max_prompt=max_prompt, max_tiles=max_tiles,
+                        max_batch=max_batch)
+    cache_dir = cache_dir or engine_cache.default_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    timing = open(timing_cache, "rb").read() if timing_cache and os.path.isfile(timing_cache) else None
+    record = {"format": engine_cache.ENGINES_FORMAT, "version": engine_cache.ENGINES_VERSION, "flavour": flavour,
+              "tensorrt_version": trt.__version__, "compute_capability": capability, "gpu": gpu,
+              "precision": precision, "limits": vars(limits), "engines": {}}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        for graph in GRAPHS:
+            inputs, _ = manifest.graph_io(graph)
+            profiles = graph_profiles(graph, manifest, limits)
+            graph_sha = manifest.data["files"][f"{graph}.onnx"]
+            key = engine_cache.cache_key(flavour, trt.__version__, capability, graph_sha,
+                                         [p.to_json() for p in profiles], precision)
+            cached = os.path.join(cache_dir, f"{key}.engine")
+            started = time.perf_counter()
+            if os.path.isfile(cached):
+                log(f"{graph}: unchanged, taken from the engine cache")
+                shutil.copyfile(cached, os.path.join(tmp, f"{graph}.engine"))
+            else:
+                log(f"{graph}: building ({', '.join(p.name for p in profiles)})")
+                engine, timing = build_engine(trt, manifest.graph_path(graph), profiles, inputs, precision,
+                                              workspace_gib, timing)
+                with open(os.path.join(tmp, f"{graph}.engine"), "wb") as f:
+                    f.write(engine)
+                with atomic_file(cached) as part:
+                    shutil.copyfile(os.path.join(tmp, f"{graph}.engine"), part)
+            record["engines"][graph] = {
+                "file": f"{graph}.engine", "sha256": sha256_file(os.path.join(tmp, f"{graph}.engine")),
+                "graph_sha256": graph_sha, "cache_key": key, "profiles": [p.to_json() for p in profiles],
+                "build_seconds": round(time.perf_counter() - started, 2)}
+        if timing_cache and timing:
+            with atomic_file(timing_cache) as part, open(part, "wb") as f:
+                f.write(timing)
+        for name in (MANIFEST,) + TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(model_dir, name)):
+                shutil.copyfile(os.path.join(model_dir, name), os.path.join(tmp, name))
+        with open(os.path.join(tmp, engine_cache.ENGINES), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+    return record

@@ -1,0 +1,90 @@
+"""What `hovle-edge profile` does, as one library call: profile (or sweep), then the roofline of the
+measured decode against this host's bandwidth and the edge devices', then JSON and PNG."""
+
+from __future__ import annotations
+
+from hovle_edge.errors import InputError
+from hovle_edge.runtime import roofline
+from hovle_edge.runtime.profile import parse_sweep, plot, profile, sweep_table, write_json
+
+SWEEP_ARGUMENT = {"prompt-tokens": "prompt_tokens", "tiles": "tiles", "new-tokens": "new_tokens"}
+
+
+def model_numbers(model_dir: str | None, preset: str | None) -> tuple[dict, str, str]:
+    """(manifest "model" section, precision, name) from an exported folder or a config preset."""
+    if model_dir:
+        from hovle_edge.spec import load_manifest
+
+        manifest = load_manifest(model_dir, verify=False)
+        return manifest.model, manifest.precision, model_dir
+    if preset:
+        from hovle_edge.config import preset as config_preset
+        from hovle_edge.spec import model_section
+
+        return model_section(config_preset(preset)), "fp16", f"preset {preset} (fp16)"
+    raise InputError("give --model DIR (an exported folder) or, with --roofline-only, --preset NAME")
+
+
+def roofline_text(cost: roofline.DecodeCost, rows: list[dict]) -> str:
+    lines = [f"decode reads {cost.weight_bytes / 2**20:.1f} MiB of weights per token and "
+             f"{cost.kv_bytes_per_token / 1024:.1f} KiB of KV cache per token of context",
+             f"{'device':<24}{'GB/s':>9}{'context':>9}{'bound tok/s':>13}{'measured':>10}{'fraction':>10}"]
+    for row in rows:
+        measured, fraction = "", ""
+        if "measured_tokens_per_s" in row:
+            measured = f"{row['measured_tokens_per_s']:.1f}"
+            fraction = f"{100 * row['fraction_of_bound']:.1f}%"
+        lines.append(f"{row['name']:<24}{row['bandwidth_gbs']:>9.1f}{row['context']:>9}{row['bound_tokens_per_s']:>13.1f}"
+                     f"{measured:>10}{fraction:>10}")
+    return "\n".join(lines)
+
+
+def devices_for(device_model: str | None) -> dict:
+    if device_model in (None, "all"):
+        return dict(roofline.DEVICES)
+    if device_model not in roofline.DEVICES:
+        raise InputError(f"--device-model {device_model!r}: choose one of {', '.join(roofline.DEVICES)} or all")
+    return {device_model: roofline.DEVICES[device_model]}
+
+
+def run_profile(model_dir=None, backend="onnxruntime", device="cpu", threads=None, image=None, tiles=None,
+                prompt_tokens=128, new_tokens=64, runs=5, warmup=1, json_path=None, plot_path=None, sweep=None,
+                roofline_only=False, device_model=None, preset=None, contexts=(128, 512, 2048)) -> str:
+    """Returns the text to print."""
+    numbers, precision, name = model_numbers(model_dir, preset)
+    cost = roofline.decode_cost(numbers, precision)
+    devices = devices_for(device_model)
+    if roofline_only:
+        rows = roofline.roofline_table(cost, list(contexts), devices)
+        if json_path:
+            write_json(json_path, {"model": name, "precision": precision, "weight_bytes": cost.weight_bytes,
+                                   "kv_bytes_per_token": cost.kv_bytes_per_token, "roofline": rows})
+        return roofline_text(cost, rows)
+    from hovle_edge.runtime import Pipeline
+
+    with Pipeline.from_dir(model_dir, backend=backend, device=device, threads=threads) as pipe:
+        settings = dict(image=image, tiles=tiles, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
+                        warmup=warmup, model=model_dir, backend=backend, device=device)
+        if sweep:
+            key, values = parse_sweep(sweep)
+            reports = [profile(pipe, **{**settings, SWEEP_ARGUMENT[key]: value}) for value in values]
+        else:
+            key, values, reports = None, [None], [profile(pipe, **settings)]
+    measured, host = {}, {}
+    if device == "cpu":
+        host = {"host": ("this host (measured copy)", roofline.host_bandwidth_gbs())}
+    for report in reports:
+        s = report.settings
+        context = s["prompt_tokens"] + s["image_tokens"] + s["new_tokens"] // 2  # the mean context while decoding
+        measured[context] = report.summary()["decode_tokens_per_s"]["p50"]
+        report.settings["mean_decode_context"] = context
+    rows = roofline.roofline_table(cost, sorted(measured), {**host, **devices}, measured, "host" if host else None)
+    text = sweep_table(key, values, reports) if sweep else reports[0].table()
+    text += "\n\n" + roofline_text(cost, rows)
+    if json_path:
+        write_json(json_path, {"profiles": [r.to_json() for r in reports], "sweep": key, "values": values,
+                               "roofline": rows, "weight_bytes": cost.weight_bytes,
+                               "kv_bytes_per_token": cost.kv_bytes_per_token})
+    if plot_path:
+        plot(plot_path, reports[0], (key, values, reports) if sweep else None)
+    return text

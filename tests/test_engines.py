@@ -1,0 +1,147 @@
+"""TensorRT engines: profiles derived from the manifest, cache keys, engines.json checks and error
+paths run everywhere; building and running engines runs only where a GPU and TensorRT (or TensorRT
+for RTX) and cuda-python are installed, and skips with the reason elsewhere."""
+
+import importlib.util
+import json
+import types
+
+import pytest
+
+from hovle_edge.engines import flavours
+from hovle_edge.engines.cache import cache_key, check_compatible, read_engines
+from hovle_edge.engines.profiles import choose_profile, graph_profiles, limits_for
+from hovle_edge.errors import InputError, ModelFolderError
+from hovle_edge.runtime.backends import BackendError
+from hovle_edge.spec import load_manifest
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_export):
+    return load_manifest(str(tiny_export))
+
+
+def test_profiles_come_from_the_manifest(manifest):
+    limits = limits_for(manifest, max_context=256, max_prompt=100)
+    assert (limits.max_tiles, limits.max_context) == (7, 256)  # 6 tiles and the thumbnail
+    vision = graph_profiles("vision", manifest, limits)
+    assert [p.name for p in vision] == ["tiles"] and vision[0].dims == {"tiles": (1, 4, 7)}
+    prefill, decode = graph_profiles("decoder", manifest, limits)
+    assert prefill.dims["past_sequence"] == (0, 0, 0) and prefill.dims["sequence"] == (1, 50, 100)
+    assert decode.dims["sequence"] == (1, 1, 1) and decode.dims["past_sequence"] == (1, 128, 255)
+    assert decode.dims["total_sequence"] == (2, 129, 256)
+    assert "image_rows" not in decoder_dims(prefill)
+    inputs, _ = manifest.graph_io("embedding")
+    embedding_prefill = graph_profiles("embedding", manifest, limits)[0]
+    assert embedding_prefill.dims["image_rows"] == (1, 28, 28)  # 7 tiles x 4 tokens
+    shapes = embedding_prefill.shapes(inputs)
+    assert shapes["past_key_values.1.value"] == ((1, 2, 0, 16), (1, 2, 0, 16), (1, 2, 0, 16))
+    assert shapes["input_ids"] == ((1, 1), (1, 50), (1, 100))
+    assert shapes["image_embeds"] == ((1, 64), (28, 64), (28, 64))
+
+
+def decoder_dims(profile):
+    return set(profile.dims)
+
+
+def test_runtime_picks_the_profile(manifest):
+    profiles = graph_profiles("decoder", manifest, limits_for(manifest, max_context=256))
+    assert choose_profile(profiles, {"sequence": 40, "past_sequence": 0, "batch": 1}) == 0
+    assert choose_profile(profiles, {"sequence": 1, "past_sequence": 0, "batch": 1}) == 0  # a one-token prompt
+    assert choose_profile(profiles, {"sequence": 1, "past_sequence": 90, "batch": 1}) == 1
+    with pytest.raises(InputError, match="no optimization profile takes"):
+        choose_profile(profiles, {"sequence": 3, "past_sequence": 9, "batch": 1})
+
+
+def test_limits_beyond_the_export_are_refused(manifest):
+    with pytest.raises(InputError, match="more than the model was exported for"):
+        limits_for(manifest, max_context=10**6)
+    with pytest.raises(InputError, match="--max-tiles 9 is more than the model takes"):
+        limits_for(manifest, max_tiles=9)
+
+
+def test_cache_key_covers_everything_that_changes_an_engine():
+    base = dict(flavour="tensorrt", tensorrt_version="10.3.0", compute_capability="8.7", graph_sha256="a" * 64,
+                profiles=[{"name": "prefill"}], precision="fp16")
+    key = cache_key(**base)
+    assert key == cache_key(**base)
+    for field, other in (("flavour", "tensorrt-rtx"), ("tensorrt_version", "10.15.1"), ("compute_capability", "9.0"),
+                         ("graph_sha256", "b" * 64), ("profiles", [{"name": "decode"}]), ("precision", "fp32")):
+        assert cache_key(**{**base, field: other}) != key, field
+
+
+def test_engines_from_another_gpu_or_version_say_rebuild(tmp_path):
+    record = {"format": "hovle-edge/engines", "version": 1, "flavour": "tensorrt", "tensorrt_version": "10.3.0",
+              "compute_capability": "8.7", "gpu": "Orin"}
+    (tmp_path / "engines.json").write_text(json.dumps(record))
+    data = read_engines(str(tmp_path))
+    check_compatible(data, "tensorrt", "10.3.0", "8.7", "here")
+    with pytest.raises(ModelFolderError, match=r"built with tensorrt 10.3.0 for compute capability 8.7 .* rebuild"):
+        check_compatible(data, "tensorrt", "10.3.0", "9.0", "here")
+    with pytest.raises(ModelFolderError, match="rebuild"):
+        check_compatible(data, "tensorrt", "10.15.1", "8.7", "here")
+
+
+def test_missing_engines_json(tmp_path):
+    with pytest.raises(ModelFolderError, match="no engines.json; build engines with `hovle-edge build"):
+        read_engines(str(tmp_path))
+
+
+def test_flavour_detection(monkeypatch):
+    present = set()
+    monkeypatch.setattr(flavours.importlib.util, "find_spec", lambda name: object() if name in present else None)
+    with pytest.raises(BackendError, match="neither tensorrt nor tensorrt_rtx is installed"):
+        flavours.pick_flavour(None)
+    present.add("tensorrt_rtx")
+    assert flavours.pick_flavour(None) == "tensorrt-rtx"
+    with pytest.raises(BackendError, match=r"tensorrt is not installed \(pip install 'hovle-edge\[trt\]'\)"):
+        flavours.pick_flavour("tensorrt")
+    present.add("tensorrt")
+    with pytest.raises(BackendError, match="both tensorrt and tensorrt_rtx are installed"):
+        flavours.pick_flavour(None)
+
+
+def test_strongly_typed_is_a_capability_check():
+    ten = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(FP16=1))
+    eleven = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace())
+    assert not flavours.strongly_typed(ten) and flavours.strongly_typed(eleven)
+
+
+def test_tensorrt_backend_on_cpu_is_refused(tiny_export):
+    from hovle_edge.runtime import Pipeline
+
+    with pytest.raises(BackendError, match="runs on the GPU"):
+        Pipeline.from_dir(str(tiny_export), backend="tensorrt", device="cpu")
+
+
+def gpu_reason():
+    if not flavours.installed_flavours():
+        return "neither tensorrt nor tensorrt_rtx is installed"
+    if importlib.util.find_spec("cuda") is None:
+        return "cuda-python is not installed"
+    try:
+        flavours.compute_capability()
+    except BackendError as e:
+        return f"no usable GPU: {e}"
+    return None
+
+
+@pytest.mark.skipif(gpu_reason() is not None, reason=str(gpu_reason()))
+def test_engines_give_the_tokens_of_onnxruntime(tiny_export, tmp_path):
+    from hovle_edge.engines.builder import build_engines
+    from hovle_edge.runtime import Pipeline
+
+    record = build_engines(str(tiny_export), str(tmp_path / "engines"), precision="fp32", max_context=512,
+                           cache_dir=str(tmp_path / "cache"), timing_cache=str(tmp_path / "timing.cache"), log=lambda _: None)
+    assert set(record["engines"]) == {"vision", "embedding", "decoder"}
+    again = build_engines(str(tiny_export), str(tmp_path / "engines2"), precision="fp32", max_context=512,
+                          cache_dir=str(tmp_path / "cache"), log=lambda _: None)
+    assert [e["cache_key"] for e in again["engines"].values()] == [e["cache_key"] for e in record["engines"].values()]
+    question = "what colour is the square?"
+    with Pipeline.from_dir(str(tiny_export)) as cpu, Pipeline.from_dir(str(tmp_path / "engines"), backend="tensorrt",
+                                                                       device="cuda") as gpu:
+        from PIL import Image
+
+        image = Image.new("RGB", (150, 70), "red")
+        assert gpu.generate(question, image=image, max_new_tokens=16) == cpu.generate(question, image=image,
+                                                                                      max_new_tokens=16)
