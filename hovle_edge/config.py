@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hovle_edge.errors import ConfigError
+from hovle_edge.files import read_json
 
 
 def _from_dict(cls, data: dict, where: str):
@@ -189,11 +190,7 @@ class HoVLEConfig:
         path = os.path.join(directory, "config.json")
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: no config.json in {directory}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: not readable JSON ({e})") from e
+        data = read_json(path, ConfigError)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return cls.from_dict(data, where=path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -55,19 +56,6 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_file(path: str):
-    """Yield a temporary path beside `path`; it becomes `path` only when the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def sha256_files(paths: list[str]) -> str:
     """One hash over several files, in the order given (names and contents)."""
     digest = hashlib.sha256()
@@ -75,3 +63,12 @@ def sha256_files(paths: list[str]) -> str:
         digest.update(os.path.basename(path).encode())
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
+
+
+def read_json(path: str, error) -> dict | list:
+    """A JSON file's contents; an unreadable or malformed file raises `error` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: not readable JSON ({e})") from e

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from hovle_edge import __version__
 from hovle_edge.errors import ModelFolderError
-from hovle_edge.files import sha256_file
+from hovle_edge.files import read_json, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "hovle-edge/onnx"
@@ -163,11 +163,7 @@ def load_manifest(directory: str, verify: bool = True) -> Manifest:
         raise ModelFolderError(f"{directory}: no such model folder")
     if not os.path.isfile(path):
         raise ModelFolderError(f"{directory}: no {MANIFEST}; is this a folder made by `hovle-edge export`?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelFolderError(f"{path}: not readable JSON ({e})") from e
+    data = read_json(path, ModelFolderError)
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise ModelFolderError(f"{path}: not a hovle-edge manifest (format {data.get('format') if isinstance(data, dict) else None!r})")
     if data.get("manifest_version") != MANIFEST_VERSION:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from hovle_edge.errors import InputError
-from hovle_edge.files import atomic_file
+from hovle_edge.files import atomic_file, read_json
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -84,13 +84,8 @@ class Tokenizer:
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not readable JSON ({e})") from e
+    """An optional tokenizer side file: {} when it is absent."""
+    return read_json(path, InputError) if os.path.isfile(path) else {}
 
 
 def from_sentencepiece(directory: str):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,8 +119,8 @@ def test_distill_from_a_language_model_folder(world, tmp_path):
     assert not any("projection" in n for n in names)  # the learned map is dropped
     lm_weights, final = read_state_dict(str(lm)), read_state_dict(str(out))
     assert torch.equal(lm_weights["output.weight"], final["language_model.output.weight"])
-    # Thresholds measured on this 12-step run (about 0.6 and 0.9); the full demo reaches 0.9 / 0.95.
-    assert metrics["image_cosine"] > 0.4 and metrics["text_cosine"] > 0.7
+    # Measured on this 12-step run: 0.96 to the teacher and 0.976 to the LLM's embeddings.
+    assert metrics["image_cosine"] > 0.9 and metrics["text_cosine"] > 0.9
     assert json.loads((out / "distill_scores.json").read_text())["image_cosine"] == metrics["image_cosine"]
 
 
@@ -156,7 +157,7 @@ def test_bad_data_file(tiny_checkpoint, tmp_path):
 def test_shapes_world_is_deterministic_and_answers_are_right():
     a, image_a = shapes.sample(5)
     b, image_b = shapes.sample(5)
-    assert a == b and list(image_a.getdata()) == list(image_b.getdata())
+    assert a == b and np.array_equal(np.asarray(image_a), np.asarray(image_b))
     import random
 
     for seed in range(50):

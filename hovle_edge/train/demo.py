@@ -24,10 +24,10 @@ class DemoPlan:
     caption_records: int = 2000
     chat_records: int = 4000
     distill_images: int = 1000
-    teacher_steps: int = 600
-    lm: TrainSettings = field(default_factory=lambda: TrainSettings(steps=300, batch_size=32, lr=2e-3, warmup=30))
+    teacher_steps: int = 400
+    lm: TrainSettings = field(default_factory=lambda: TrainSettings(steps=250, batch_size=32, lr=2e-3, warmup=30))
     distill: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, batch_size=16, lr=1e-3, warmup=20))
-    align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=300, batch_size=16, lr=1e-3, warmup=20))
+    align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=250, batch_size=16, lr=1e-3, warmup=20))
     instruct: TrainSettings = field(default_factory=lambda: TrainSettings(steps=400, batch_size=16, lr=1e-3, warmup=30))
     embedding_layers: int = 4
     questions: int = 200

@@ -21,6 +21,13 @@ from hovle_edge.train import shapes
 ARCHITECTURE = "ShapesTeacher"
 
 
+def fit(pixel_values, size: int):
+    """Tiles resized (bicubic) to the teacher's own input size when the student's differs."""
+    if pixel_values.shape[-1] == size:
+        return pixel_values
+    return F.interpolate(pixel_values, size=(size, size), mode="bicubic", align_corners=False)
+
+
 class ShapesTeacher(nn.Module):
     """A small ViT: 14x14 patches, a few pre-norm transformer layers, per-quadrant attribute heads."""
 
@@ -45,7 +52,7 @@ class ShapesTeacher(nn.Module):
 
     def forward(self, pixel_values):
         """[T, 3, S, S] -> patch features [T, grid^2, width]."""
-        x = self.patch(pixel_values).flatten(2).transpose(1, 2) + self.position
+        x = self.patch(fit(pixel_values, self.config["image_size"])).flatten(2).transpose(1, 2) + self.position
         return self.norm(self.encoder(x))
 
     def quadrants(self, features):
@@ -135,10 +142,7 @@ class HFVisionTeacher(nn.Module):
         self.width = vision.hidden_size
 
     def forward(self, pixel_values):
-        if pixel_values.shape[-1] != self.image_size:
-            pixel_values = F.interpolate(pixel_values, size=(self.image_size, self.image_size), mode="bicubic",
-                                         align_corners=False)
-        hidden = self.model(pixel_values=pixel_values).last_hidden_state
+        hidden = self.model(pixel_values=fit(pixel_values, self.image_size)).last_hidden_state
         grid = int(hidden.shape[1] ** 0.5)
         return hidden[:, -grid * grid:]  # drop a leading class token when there is one
 
