@@ -168,3 +168,19 @@ def test_shapes_world_is_deterministic_and_answers_are_right():
             if question.startswith("where is the"):
                 shape = question.split()[3].rstrip("?")
                 assert [t.position for t in things if t.shape == shape] == [answer]
+
+
+def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
+    from hovle_edge.train.demo import DemoPlan, run_demo
+
+    out = tmp_path / "demo"
+    report = run_demo(str(out), DemoPlan.quick(), progress=False)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["accuracy"] == report["accuracy"] and 0 <= report["accuracy"] <= 100
+    assert report["questions"] == 20 and report["runtime_equals_pytorch"] == 100.0
+    assert {"language_kept", "accuracy_pytorch", "latency_ms", "distill"} <= set(report)
+    assert set(report["seconds_by_step"]) >= {"teacher", "lm", "distill", "align", "instruct", "export"}
+    stamp = os.path.getmtime(out / "stage3-instruct" / "model.safetensors")
+    again = run_demo(str(out), DemoPlan.quick(), progress=False)
+    assert set(again["seconds_by_step"]) == {"evaluate"}  # nothing trained or exported twice
+    assert os.path.getmtime(out / "stage3-instruct" / "model.safetensors") == stamp
