@@ -69,13 +69,14 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k = torch.cat((past[0], k), dim=2)  # [B, kvh, P+S, d]
         v = torch.cat((past[1], v), dim=2)
-        T = k.shape[2]
-        k_all = k[:, :, None].expand(B, self.kv_heads, self.groups, T, self.head_dim).reshape(B, self.heads, T, self.head_dim)
-        v_all = v[:, :, None].expand(B, self.kv_heads, self.groups, T, self.head_dim).reshape(B, self.heads, T, self.head_dim)
-        scores = (q * self.head_dim ** -0.5) @ k_all.transpose(2, 3)  # [B, h, S, T]
-        scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(v_all.dtype)  # softmax in fp32
-        out = (probs @ v_all).transpose(1, 2).reshape(B, S, self.heads * self.head_dim)
+        # GQA by reshape: the query heads of one KV head are adjacent, so [B, h, S, d] is
+        # [B, kvh, groups*S, d] and meets its own K/V without expanding the cache per step.
+        T, g = k.shape[2], self.groups
+        q = (q * self.head_dim ** -0.5).reshape(B, self.kv_heads, g * S, self.head_dim)
+        scores = (q @ k.transpose(2, 3)).reshape(B, self.kv_heads, g, S, T)
+        scores = scores.float().masked_fill(~mask[:, :, None], torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).reshape(B, self.kv_heads, g * S, T)  # softmax in fp32
+        out = (probs @ v).reshape(B, self.heads, S, self.head_dim).transpose(1, 2).reshape(B, S, self.heads * self.head_dim)
         return self.wo(out), (k, v)
 
 
