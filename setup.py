@@ -18,7 +18,7 @@ setup(
         "export": ["torch", "onnx", "onnxscript", "safetensors"],
         "train": ["torch", "safetensors"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "transformers", "sentencepiece", "mistral-common", "psutil"],
+        "test": ["pytest", "transformers", "sentencepiece", "mistral-common", "matplotlib"],
     },
     entry_points={"console_scripts": ["hovle-edge=hovle_edge.cli:main"]},
 )
