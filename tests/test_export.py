@@ -4,7 +4,6 @@ that fail without leaving anything behind."""
 import json
 import os
 
-import numpy as np
 import onnx
 import pytest
 import torch

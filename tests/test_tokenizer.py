@@ -9,8 +9,7 @@ import shutil
 import pytest
 
 from hovle_edge.errors import InputError
-from hovle_edge.tokenizer import (IMG_CONTEXT, ChatTemplate, StreamDecoder, Tokenizer, convert_tokenizer,
-                                  train_tokenizer)
+from hovle_edge.tokenizer import (IMG_CONTEXT, ChatTemplate, StreamDecoder, Tokenizer, train_tokenizer)
 
 spm = pytest.importorskip("sentencepiece")
 mistral_common = pytest.importorskip("mistral_common")

@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from hovle_edge.files import atomic_file
 from hovle_edge.train import shapes
