@@ -56,6 +56,9 @@ def init_model(init: str, embedding: dict | None = None) -> HoVLE:
     model.language_model.load_state_dict(lm.state_dict())
     with torch.no_grad():
         model.embedding_model.llm_text_embeddings.weight.copy_(lm.model.tok_embeddings.weight)
+        # Patch positions start random, not zero: each image token then knows where it is from the
+        # first step, instead of only through rotary distances to the text after it.
+        model.embedding_model.vision_embeddings.position_embedding.normal_(0, 0.02)
     return model
 
 
