@@ -238,10 +238,10 @@ def shapes_teacher(out, steps):
 @train_options
 def shapes_lm(out, **settings):
     """Train the world's tokenizer and the tiny InternLM2-style LM that plays InternLM2."""
-    from hovle_edge.train.lm import pretrain_lm
+    from hovle_edge.train.lm import LM_DEFAULTS, pretrain_lm
     from hovle_edge.train.loop import TrainSettings
 
-    base = vars(TrainSettings(steps=250, batch_size=32, lr=2e-3, warmup=30))
+    base = dict(vars(LM_DEFAULTS))
     base.update({k: v for k, v in settings.items() if v is not None})
     click.echo(json.dumps(pretrain_lm(out, TrainSettings.from_dict(base)), indent=2))
 

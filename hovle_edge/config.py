@@ -14,7 +14,7 @@ from hovle_edge.errors import ConfigError
 from hovle_edge.files import read_json
 
 
-def _from_dict(cls, data: dict, where: str):
+def config_from_dict(cls, data: dict, where: str):
     """Build dataclass `cls` from `data`: required keys checked, unknown keys kept in `extra`."""
     missing = [k for k in cls.REQUIRED if k not in data]
     if missing:
@@ -25,7 +25,7 @@ def _from_dict(cls, data: dict, where: str):
     return cls(**known, extra=extra)
 
 
-def _to_dict(obj) -> dict:
+def config_to_dict(obj) -> dict:
     out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "extra"}
     out.update(obj.extra)
     return out
@@ -153,9 +153,9 @@ class HoVLEConfig:
 
     def __post_init__(self):
         if isinstance(self.embedding_config, dict):
-            self.embedding_config = _from_dict(EmbeddingConfig, self.embedding_config, "embedding_config")
+            self.embedding_config = config_from_dict(EmbeddingConfig, self.embedding_config, "embedding_config")
         if isinstance(self.llm_config, dict):
-            self.llm_config = _from_dict(LLMConfig, self.llm_config, "llm_config")
+            self.llm_config = config_from_dict(LLMConfig, self.llm_config, "llm_config")
         emb, llm = self.embedding_config, self.llm_config
         if emb.llm_hidden_size != llm.hidden_size or emb.llm_vocab_size != llm.vocab_size:
             raise ConfigError(f"embedding_config (hidden {emb.llm_hidden_size}, vocab {emb.llm_vocab_size}) "
@@ -175,14 +175,14 @@ class HoVLEConfig:
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "HoVLEConfig":
         try:
-            return _from_dict(cls, data, where)
+            return config_from_dict(cls, data, where)
         except TypeError as e:  # a value of the wrong kind, e.g. a list where a dict belongs
             raise ConfigError(f"{where}: {e}") from e
 
     def to_dict(self) -> dict:
-        out = _to_dict(self)
-        out["embedding_config"] = _to_dict(self.embedding_config)
-        out["llm_config"] = _to_dict(self.llm_config)
+        out = config_to_dict(self)
+        out["embedding_config"] = config_to_dict(self.embedding_config)
+        out["llm_config"] = config_to_dict(self.llm_config)
         return out
 
     @classmethod

@@ -65,6 +65,14 @@ def sha256_files(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
+def write_json(path: str, data) -> None:
+    """Write `data` as indented JSON; the file appears whole or not at all."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
 def read_json(path: str, error) -> dict | list:
     """A JSON file's contents; an unreadable or malformed file raises `error` naming it."""
     try:

@@ -137,13 +137,10 @@ class Conversation:
         params = SamplingParams(**sampling)
         timings = pipe.timings = Timings()
         started = time.perf_counter()
-        pixel_values = None
-        if image is not None:
-            pixel_values = pipe.pixel_values(image, max_tiles)
-            timings.tiles = len(pixel_values)
-        timings.preprocess = time.perf_counter() - started
+        pixel_values = None if image is None else self._preprocess(image, max_tiles, timings)
+        tiles = 0 if pixel_values is None else len(pixel_values)
         first_turn = not self.ids and not self.pending
-        text = (pipe.template.system_block() if first_turn else "") + pipe.template.user_turn(question, timings.tiles)
+        text = (pipe.template.system_block() if first_turn else "") + pipe.template.user_turn(question, tiles)
         ids = self.pending + pipe.tokenizer.encode(text, bos=first_turn)
         self.cache.check_room(len(ids) + 1)  # before any graph runs: room for the prompt and one answer token
         timings.prompt_tokens = len(ids)
@@ -160,13 +157,18 @@ class Conversation:
         timings = self.pipeline.timings = Timings(prompt_tokens=len(ids))
         started = time.perf_counter()
         if image is not None:
-            pixel_values = self.pipeline.pixel_values(image, None)
-            timings.preprocess = time.perf_counter() - started
+            pixel_values = self._preprocess(image, None, timings)
         image_embeds = None if pixel_values is None else self._vision(pixel_values, timings)
         out = []
         for _ in self._answer(list(ids), image_embeds, params, timings, started, out, stop_ids):
             pass
         return out
+
+    def _preprocess(self, image, max_tiles: int | None, timings: Timings) -> np.ndarray:
+        started = time.perf_counter()
+        pixel_values = self.pipeline.pixel_values(image, max_tiles)
+        timings.preprocess = time.perf_counter() - started
+        return pixel_values
 
     def _vision(self, pixel_values: np.ndarray, timings: Timings) -> np.ndarray:
         started = time.perf_counter()

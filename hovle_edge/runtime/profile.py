@@ -6,7 +6,6 @@ Torch-free."""
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -59,8 +58,9 @@ class ProfileReport:
         head = (f"model {s['model']} | {s['backend']} on {s['device']} | tiles {s['tiles']} | prompt tokens "
                 f"{s['prompt_tokens']} (+{s['image_tokens']} image) | new tokens {s['new_tokens']} | runs {s['runs']}")
         lines = [head, f"{'metric':<22}{'p50':>12}{'p90':>12}{'p99':>12}"]
+        summary = self.summary()
         for key, label in METRICS:
-            row = self.summary()[key]
+            row = summary[key]
             unit = "" if key.endswith("per_s") else " ms"
             cells = "".join(f"{'-' if row[p] is None else f'{row[p]:.2f}':>12}" for p in ("p50", "p90", "p99"))
             lines.append(f"{label + unit:<22}{cells}")
@@ -162,14 +162,6 @@ def sweep_table(key: str, values: list[int], reports: list[ProfileReport]) -> st
         lines.append(f"{value:>14}{s['ttft_ms']['p50']:>14.2f}{s['itl_ms']['p50']:>13.3f}{s['itl_ms']['p90']:>13.3f}"
                      f"{s['decode_tokens_per_s']['p50']:>14.1f}{s['e2e_ms']['p50']:>13.1f}")
     return "\n".join(lines)
-
-
-def write_json(path: str, data: dict) -> None:
-    from hovle_edge.files import atomic_file
-
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
 
 
 def plot(path: str, report: ProfileReport | None = None, sweep: tuple[str, list[int], list] | None = None) -> None:

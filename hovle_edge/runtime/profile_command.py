@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from hovle_edge.errors import InputError
 from hovle_edge.runtime import roofline
-from hovle_edge.runtime.profile import parse_sweep, plot, profile, sweep_table, write_json
+from hovle_edge.files import write_json
+from hovle_edge.runtime.profile import parse_sweep, plot, profile, sweep_table
 
 SWEEP_ARGUMENT = {"prompt-tokens": "prompt_tokens", "tiles": "tiles", "new-tokens": "new_tokens"}
 

@@ -4,15 +4,16 @@ accuracy and latency written to report.json. Each step is skipped when its outpu
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from hovle_edge.files import atomic_file
+from hovle_edge.errors import InputError
+from hovle_edge.files import read_json, write_json
 from hovle_edge.train import shapes
+from hovle_edge.train.lm import LM_DEFAULTS
 from hovle_edge.train.loop import TrainSettings, finished
 
 
@@ -24,7 +25,7 @@ class DemoPlan:
     chat_records: int = 4000
     distill_images: int = 1000
     teacher_steps: int = 400
-    lm: TrainSettings = field(default_factory=lambda: TrainSettings(steps=250, batch_size=32, lr=2e-3, warmup=30))
+    lm: TrainSettings = field(default_factory=lambda: LM_DEFAULTS)
     distill: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, batch_size=16, lr=1e-3, warmup=20))
     align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=250, batch_size=16, lr=1e-3, warmup=20))
     instruct: TrainSettings = field(default_factory=lambda: TrainSettings(steps=400, batch_size=16, lr=1e-3, warmup=30))
@@ -91,9 +92,7 @@ def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bo
     report = timed("evaluate", evaluate, paths, plan.questions)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["seconds_by_step"] = seconds  # only the steps this run did; reused ones are absent
-    with atomic_file(os.path.join(out, "report.json")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+    write_json(os.path.join(out, "report.json"), report)
     return report
 
 
@@ -140,9 +139,7 @@ def evaluate(paths: dict, count: int) -> dict:
                        "per_token_p50": 1000 * float(np.median(per_token)) if per_token else None},
         "examples": [{"question": q, "expected": a, "answer": got} for (_, q, a), got in list(zip(items, runtime_answers))[:5]],
     }
-    for name in ("stage1-distill",):
-        scores = os.path.join(paths[name], "distill_scores.json")
-        if os.path.isfile(scores):
-            with open(scores, encoding="utf-8") as f:
-                report["distill"] = {k: v for k, v in json.load(f).items() if k.endswith("cosine")}
+    scores = os.path.join(paths["stage1-distill"], "distill_scores.json")
+    if os.path.isfile(scores):
+        report["distill"] = {k: v for k, v in read_json(scores, InputError).items() if k.endswith("cosine")}
     return report

@@ -11,7 +11,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-from hovle_edge.config import LLMConfig
+from hovle_edge.config import LLMConfig, config_from_dict, config_to_dict
+from hovle_edge.errors import ConfigError
+from hovle_edge.files import read_json
 from hovle_edge.model.llm import InternLM2ForCausalLM
 from hovle_edge.model.weights import check_state_dict, read_state_dict, save_state_dict
 from hovle_edge.tokenizer import ChatTemplate, Tokenizer
@@ -20,6 +22,7 @@ from hovle_edge.train.data import IGNORE, collate, encode_caption, encode_chat
 from hovle_edge.train.loop import Task, TrainSettings, train
 
 ARCHITECTURE = "InternLM2ForCausalLM"
+LM_DEFAULTS = TrainSettings(steps=250, batch_size=32, lr=2e-3, warmup=30)  # about 2.5 min on 2 CPU cores
 
 
 def shapes_lm_config(vocab_size: int) -> LLMConfig:
@@ -81,18 +84,15 @@ class PretrainLM(Task):
 
 def save_lm(model: InternLM2ForCausalLM, tokenizer: Tokenizer, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
-    data = {**{k: v for k, v in vars(model.cfg).items() if k != "extra"}, **model.cfg.extra}
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+        json.dump(config_to_dict(model.cfg), f, indent=2)
     save_state_dict(model.state_dict(), directory, max_shard_bytes=5 * 2**30)
     tokenizer.save(directory)
 
 
 def load_lm(directory: str) -> InternLM2ForCausalLM:
-    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-        data = json.load(f)
-    names = set(LLMConfig.__dataclass_fields__) - {"extra"}
-    config = LLMConfig(**{k: v for k, v in data.items() if k in names})
+    path = os.path.join(directory, "config.json")
+    config = config_from_dict(LLMConfig, read_json(path, ConfigError), path)
     with torch.device("meta"):
         model = InternLM2ForCausalLM(config)
     state = read_state_dict(directory)
@@ -103,7 +103,7 @@ def load_lm(directory: str) -> InternLM2ForCausalLM:
 
 def pretrain_lm(out: str, settings: TrainSettings | None = None, progress: bool = True) -> dict:
     """Train the tokenizer and the LM on the world's text; writes an InternLM2 folder to `out`."""
-    settings = settings or TrainSettings(steps=600, batch_size=32, lr=2e-3, warmup=30)
+    settings = settings or LM_DEFAULTS
     torch.manual_seed(settings.seed)
     tokenizer = shapes.world_tokenizer()
     task = PretrainLM(tokenizer, shapes_lm_config(tokenizer.vocab_size), settings.seed)

@@ -9,7 +9,6 @@ Each stage starts from the previous stage's folder and inherits its settings unl
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from hovle_edge.config import EmbeddingConfig, HoVLEConfig
 from hovle_edge.errors import ConfigError
+from hovle_edge.files import read_json, write_json
 from hovle_edge.model import HoVLE
 from hovle_edge.model.weights import save_model
 from hovle_edge.preprocess import load_image, preprocess_image
@@ -35,8 +35,7 @@ def init_model(init: str, embedding: dict | None = None) -> HoVLE:
     path = os.path.join(init, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{init}: no config.json")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(path, ConfigError)
     if "embedding_config" in data:
         return HoVLE.from_pretrained(init)
     if LM_ARCHITECTURE not in data.get("architectures", []):
@@ -244,6 +243,5 @@ def run_stage(stage: str, init: str, out: str, data: str | None = None, override
     metrics = train(task, settings, out, desc=stage, progress=progress, stop_after=stop_after)
     if stage == "distill" and held_out and stop_after is None:
         metrics = {**metrics, **task.scores(image_files(held_out))}
-        with open(os.path.join(out, "distill_scores.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(os.path.join(out, "distill_scores.json"), metrics)
     return metrics
