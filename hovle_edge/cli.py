@@ -91,6 +91,9 @@ def sampling_options(command):
         click.option("--top-p", type=float, default=1.0, show_default=True),
         click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
         click.option("--seed", type=int, default=None),
+        click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default=None,
+                     help="Under torchrun: ddp keeps a whole replica per process; fsdp shards weights, gradients "
+                          "and optimizer state (for the 2.6B model on GPUs that cannot hold it all). Default ddp."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -158,6 +161,9 @@ def train_options(command):
         click.option("--clip", type=float, default=None, help="Gradient norm clip (0: off)."),
         click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (a rerun resumes from the last)."),
         click.option("--seed", type=int, default=None),
+        click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default=None,
+                     help="Under torchrun: ddp keeps a whole replica per process; fsdp shards weights, gradients "
+                          "and optimizer state (for the 2.6B model on GPUs that cannot hold it all). Default ddp."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -168,8 +174,9 @@ def train_options(command):
 def train():
     """Train HoVLE in the paper's three stages (distill, align, instruct).
 
-    Runs on one CPU process as it is, or on many GPUs under
-    `torchrun --nproc_per_node N -m hovle_edge.cli train ...` (DistributedDataParallel).
+    Runs on one CPU process as it is, or on many GPUs and nodes under
+    `torchrun --nproc_per_node N -m hovle_edge.cli train ...` (DistributedDataParallel,
+    or FSDP with --parallel fsdp).
     """
 
 

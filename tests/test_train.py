@@ -124,18 +124,57 @@ def test_distill_from_a_language_model_folder(world, tmp_path):
     assert json.loads((out / "distill_scores.json").read_text())["image_cosine"] == metrics["image_cosine"]
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, world, tmp_path):
-    args = ["train", "distill", "--init", str(tiny_checkpoint), "--data", str(world / "distill" / "images"),
-            "--teacher", str(world / "teacher"), "--steps", "2", "--lr", "1e-3", "--warmup", "1"]
+def torchrun(args: list[str], port: int, **kwargs) -> None:
+    """Two CPU processes on gloo, one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          "-m", "hovle_edge.cli", *args, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "hovle_edge.cli", *args, "--batch-size", "4", "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                           *args], capture_output=True, text=True, env=env, timeout=300, **kwargs)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def one_process(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "hovle_edge.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def distill_args(tiny_checkpoint, world, steps: int) -> list[str]:
+    return ["train", "distill", "--init", str(tiny_checkpoint), "--data", str(world / "distill" / "images"),
+            "--teacher", str(world / "teacher"), "--steps", str(steps), "--lr", "1e-3", "--warmup", "1"]
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, world, tmp_path):
+    args = distill_args(tiny_checkpoint, world, steps=2)
+    torchrun(["-m", "hovle_edge.cli", *args, "--batch-size", "2", "--out", str(tmp_path / "ddp")], port=29533)
+    one_process([*args, "--batch-size", "4", "--out", str(tmp_path / "one")])
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+FSDP_INTERRUPTED = """
+import json, sys
+from hovle_edge.train.stages import run_stage
+init, images, teacher, out = sys.argv[1:]
+run_stage("distill", init, out, data=images, teacher=teacher, progress=False, stop_after=2,
+          overrides=dict(steps=3, batch_size=2, lr=1e-3, warmup=1, save_every=1, parallel="fsdp"))
+"""
+
+
+def test_fsdp_sharded_run_resumes_and_matches_one_process(tiny_checkpoint, world, tmp_path):
+    """Sharded weights and optimizer state are gathered into whole checkpoints, read back into shards
+    after an interruption, and the result equals one process with the whole batch."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(FSDP_INTERRUPTED)
+    images, teacher, out = world / "distill" / "images", world / "teacher", tmp_path / "fsdp"
+    torchrun([str(script), str(tiny_checkpoint), str(images), str(teacher), str(out)], port=29534)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-0000001", "step-0000002"] and not finished(str(out))
+    args = distill_args(tiny_checkpoint, world, steps=3)
+    torchrun(["-m", "hovle_edge.cli", *args, "--batch-size", "2", "--save-every", "1", "--parallel", "fsdp",
+              "--out", str(out)], port=29535)
+    assert finished(str(out)) and json.loads((out / "train_config.json").read_text())["settings"]["parallel"] == "fsdp"
+    one_process([*args, "--batch-size", "4", "--out", str(tmp_path / "one")])
+    a, b = weights(out), weights(tmp_path / "one")
+    assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 

@@ -109,17 +109,19 @@ def save_state_dict(state: dict[str, torch.Tensor], directory: str, max_shard_by
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def save_model(model, directory: str, max_shard_bytes: int = 5 * 2**30, extra_files: dict[str, str] | None = None) -> None:
-    """Write config.json and the weights into `directory` (other files there are left alone). Each file
-    is written in full beside it first and then moved in, so none is ever half-written; the weight
-    files of an earlier save are removed. `extra_files` maps names to paths copied alongside."""
+def save_model(model, directory: str, max_shard_bytes: int = 5 * 2**30, extra_files: dict[str, str] | None = None,
+               weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json and the weights (`weights`, or the model's own state dict) into `directory`
+    (other files there are left alone). Each file is written in full beside it first and then moved
+    in, so none is ever half-written; the weight files of an earlier save are removed. `extra_files`
+    maps names to paths copied alongside."""
     import shutil
     import tempfile
 
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".saving-", dir=directory) as tmp:
         model.config.save_pretrained(tmp)
-        save_state_dict(model.state_dict(), tmp, max_shard_bytes)
+        save_state_dict(model.state_dict() if weights is None else weights, tmp, max_shard_bytes)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, os.path.join(tmp, name))
         for name in os.listdir(directory):

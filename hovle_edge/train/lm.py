@@ -78,15 +78,15 @@ class PretrainLM(Task):
         first = ((step * 64 + micro) * world + rank) * batch_size
         return collate([self.example(first + i) for i in range(batch_size)], pad_id=self.tokenizer.eos_id)
 
-    def save(self, directory: str) -> None:
-        save_lm(self.model, self.tokenizer, directory)
+    def save(self, directory: str, weights: dict) -> None:
+        save_lm(self.model, self.tokenizer, directory, weights)
 
 
-def save_lm(model: InternLM2ForCausalLM, tokenizer: Tokenizer, directory: str) -> None:
+def save_lm(model: InternLM2ForCausalLM, tokenizer: Tokenizer, directory: str, weights: dict) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_to_dict(model.cfg), f, indent=2)
-    save_state_dict(model.state_dict(), directory, max_shard_bytes=5 * 2**30)
+    save_state_dict(weights, directory, max_shard_bytes=5 * 2**30)
     tokenizer.save(directory)
 
 

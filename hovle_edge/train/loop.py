@@ -1,8 +1,10 @@
 """The training loop every stage shares: AdamW, warmup + cosine, gradient accumulation and clipping,
 bf16 autocast on GPU, checkpoints in the official safetensors layout with the trainer's state beside
-them, exact resume, a progress bar, metrics.jsonl, and DistributedDataParallel under torchrun (the
-same command runs as one CPU process). A stage supplies a Task: a module whose forward(batch) returns
-(loss, tokens), the batches, and how to write its result."""
+them, exact resume, a progress bar, metrics.jsonl, and under torchrun either DistributedDataParallel
+or FSDP (fully_shard per decoder layer: weights, gradients and optimizer state split across the
+processes, for models whose optimizer state does not fit one GPU). The same command runs as one CPU
+process. A stage supplies a Task: a module whose forward(batch) returns (loss, tokens), the batches,
+and how to write its result."""
 
 from __future__ import annotations
 
@@ -18,12 +20,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from tqdm import tqdm
 
+from hovle_edge.errors import ConfigError
 from hovle_edge.files import atomic_directory
+from hovle_edge.model.layers import DecoderLayer
 
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"
+PARALLEL = ("ddp", "fsdp")
+# Whole (unsharded) tensors on the CPU: what is written to disk and read back, whatever the wrapping.
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def finished(out: str) -> bool:
@@ -54,6 +64,7 @@ class TrainSettings:
     keep_checkpoints: int = 2
     seed: int = 0
     log_every: int = 10
+    parallel: str = "ddp"  # with several processes: "ddp" (replicas) or "fsdp" (sharded)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainSettings":
@@ -73,7 +84,8 @@ class Task:
     def batch(self, step: int, micro: int, rank: int, world: int, batch_size: int):
         raise NotImplementedError
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, weights: dict) -> None:
+        """Write the result; `weights` is the model's whole state dict (gathered under FSDP)."""
         raise NotImplementedError
 
 
@@ -95,6 +107,30 @@ def distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def parallelize(module: torch.nn.Module, world: int, parallel: str) -> torch.nn.Module:
+    """What the steps run: the module itself on one process, a DDP wrapper, or the module sharded
+    in place by fully_shard, one unit per decoder layer and one for the rest."""
+    if parallel not in PARALLEL:
+        raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, not {parallel!r}")
+    if world == 1:
+        return module
+    if parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in [m for m in module.modules() if isinstance(m, DecoderLayer)]:
+        fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
+def whole_weights(task: Task) -> tuple[dict, dict]:
+    """(model weights, helper weights) as whole CPU tensors. A collective under FSDP: every rank calls it."""
+    state = get_model_state_dict(task.module, options=FULL)
+    model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return model, {k: v.contiguous() for k, v in state.items() if not k.startswith("model.")}
+
+
 def train(task: Task, settings: TrainSettings, out: str, desc: str = "train", progress: bool = True,
           stop_after: int | None = None) -> dict:
     """Run (or resume) the stage; rank 0 writes checkpoints under out/checkpoints and the result
@@ -103,12 +139,10 @@ def train(task: Task, settings: TrainSettings, out: str, desc: str = "train", pr
     rank, world = distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     task.module.to(device)
-    params = [p for p in task.module.parameters() if p.requires_grad]
+    runner = parallelize(task.module, world, settings.parallel)
+    params = [p for p in task.module.parameters() if p.requires_grad]  # sharded ones under FSDP
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
     start = resume(task, optimizer, out)
-    runner = task.module
-    if world > 1:
-        runner = torch.nn.parallel.DistributedDataParallel(task.module, find_unused_parameters=True)
     os.makedirs(out, exist_ok=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     bar = tqdm(range(start, settings.steps), desc=desc, initial=start, total=settings.steps,
@@ -127,6 +161,7 @@ def train(task: Task, settings: TrainSettings, out: str, desc: str = "train", pr
             total_loss += float(loss.detach()) / settings.grad_accum
             total_tokens += int(tokens)
         norm = torch.nn.utils.clip_grad_norm_(params, settings.clip) if settings.clip > 0 else torch.tensor(0.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
@@ -137,13 +172,14 @@ def train(task: Task, settings: TrainSettings, out: str, desc: str = "train", pr
             if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
                 with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics) + "\n")
-            last = step + 1 == settings.steps
-            if settings.save_every and (step + 1) % settings.save_every == 0 and not last:
-                save_checkpoint(task, optimizer, step + 1, settings, out)
+        last = step + 1 == settings.steps
+        if settings.save_every and (step + 1) % settings.save_every == 0 and not last:
+            save_checkpoint(task, optimizer, step + 1, settings, out, rank)
         if stop_after is not None and step + 1 >= stop_after:
             return metrics
+    weights, _ = whole_weights(task)
     if rank == 0:
-        task.save(out)
+        task.save(out, weights)
         with open(os.path.join(out, TRAIN_CONFIG), "w", encoding="utf-8") as f:  # written last: the stage is done
             json.dump({"stage": desc, "settings": asdict(settings), "metrics": metrics, **task.record}, f, indent=2)
         shutil.rmtree(os.path.join(out, CHECKPOINTS), ignore_errors=True)
@@ -156,16 +192,19 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def save_checkpoint(task: Task, optimizer, step: int, settings: TrainSettings, out: str) -> None:
-    """out/checkpoints/step-N: the model in the official layout, helper weights, optimizer, RNG."""
+def save_checkpoint(task: Task, optimizer, step: int, settings: TrainSettings, out: str, rank: int) -> None:
+    """out/checkpoints/step-N: the model in the official layout, helper weights, optimizer, RNG.
+    Every rank gathers (FSDP needs all of them); rank 0 writes."""
+    weights, helpers = whole_weights(task)
+    optimizer_state = get_optimizer_state_dict(task.module, optimizer, options=FULL)
+    if rank != 0:
+        return
     root = os.path.join(out, CHECKPOINTS)
     with atomic_directory(os.path.join(root, f"step-{step:07d}")) as tmp:
-        task.save(tmp)
-        helpers = {k: v.detach().cpu().contiguous() for k, v in task.module.state_dict().items()
-                   if not k.startswith("model.")}
+        task.save(tmp, weights)
         if helpers:
             save_file(helpers, os.path.join(tmp, "helpers.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                    os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
@@ -186,7 +225,8 @@ def latest_checkpoint(out: str) -> str | None:
 
 
 def resume(task: Task, optimizer, out: str) -> int:
-    """Load the last checkpoint under `out`, if any; returns the step to continue from."""
+    """Load the last checkpoint under `out`, if any, on every rank (each takes its own shard under
+    FSDP); returns the step to continue from."""
     from hovle_edge.model.weights import read_state_dict
 
     path = latest_checkpoint(out)
@@ -197,8 +237,10 @@ def resume(task: Task, optimizer, out: str) -> int:
     weights = {f"model.{k}": v for k, v in read_state_dict(path).items()}
     if os.path.isfile(os.path.join(path, "helpers.safetensors")):
         weights.update(load_file(os.path.join(path, "helpers.safetensors")))
-    task.module.load_state_dict(weights, strict=True)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+    set_model_state_dict(task.module, weights, options=StateDictOptions(full_state_dict=True, strict=True))
+    # Not strict: a parameter that never had a gradient (the unused class embedding) has no Adam state.
+    set_optimizer_state_dict(task.module, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=False),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
     rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])

@@ -76,8 +76,8 @@ class HoVLETask(Task):
         self.tokenizer_sources = tokenizer_files(init)
         self.record = record
 
-    def save(self, directory: str) -> None:
-        save_model(self.model, directory, extra_files=self.tokenizer_sources)
+    def save(self, directory: str, weights: dict) -> None:
+        save_model(self.model, directory, extra_files=self.tokenizer_sources, weights=weights)
 
 
 class DistillModule(nn.Module):
