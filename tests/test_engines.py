@@ -26,10 +26,11 @@ def test_profiles_come_from_the_manifest(manifest):
     assert (limits.max_tiles, limits.max_context) == (7, 256)  # 6 tiles and the thumbnail
     vision = graph_profiles("vision", manifest, limits)
     assert [p.name for p in vision] == ["tiles"] and vision[0].dims == {"tiles": (1, 4, 7)}
-    prefill, decode = graph_profiles("decoder", manifest, limits)
+    prefill, decode, extend = graph_profiles("decoder", manifest, limits)
     assert prefill.dims["past_sequence"] == (0, 0, 0) and prefill.dims["sequence"] == (1, 50, 100)
     assert decode.dims["sequence"] == (1, 1, 1) and decode.dims["past_sequence"] == (1, 128, 255)
     assert decode.dims["total_sequence"] == (2, 129, 256)
+    assert extend.dims["sequence"] == (2, 51, 100) and extend.dims["past_sequence"] == (1, 127, 254)
     assert "image_rows" not in decoder_dims(prefill)
     inputs, _ = manifest.graph_io("embedding")
     embedding_prefill = graph_profiles("embedding", manifest, limits)[0]
@@ -49,8 +50,9 @@ def test_runtime_picks_the_profile(manifest):
     assert choose_profile(profiles, {"sequence": 40, "past_sequence": 0, "batch": 1}) == 0
     assert choose_profile(profiles, {"sequence": 1, "past_sequence": 0, "batch": 1}) == 0  # a one-token prompt
     assert choose_profile(profiles, {"sequence": 1, "past_sequence": 90, "batch": 1}) == 1
+    assert choose_profile(profiles, {"sequence": 3, "past_sequence": 9, "batch": 1}) == 2  # a conversation's next turn
     with pytest.raises(InputError, match="no optimization profile takes"):
-        choose_profile(profiles, {"sequence": 3, "past_sequence": 9, "batch": 1})
+        choose_profile(profiles, {"sequence": 1, "past_sequence": 256, "batch": 1})  # past the context
 
 
 def test_limits_beyond_the_export_are_refused(manifest):
@@ -145,3 +147,45 @@ def test_engines_give_the_tokens_of_onnxruntime(tiny_export, tmp_path):
         image = Image.new("RGB", (150, 70), "red")
         assert gpu.generate(question, image=image, max_new_tokens=16) == cpu.generate(question, image=image,
                                                                                       max_new_tokens=16)
+
+
+def test_builder_and_backend_on_an_emulated_gpu(tiny_export, tmp_path, monkeypatch):
+    """The builder and the TensorRT backend end to end against stand-ins for tensorrt_rtx and cuda-python
+    (tests/emulated_gpu.py: ONNX Runtime behind TensorRT's calls, host memory behind cudaMalloc). Shows
+    the profiles each step selects, the engine cache, the KV buffers swapping without allocations or
+    host copies, and tokens equal to ONNX Runtime's for a generation and a two-turn conversation."""
+    from PIL import Image
+
+    from emulated_gpu import install
+    from hovle_edge.engines.builder import build_engines
+    from hovle_edge.runtime import Pipeline
+
+    memory, ran = install(monkeypatch)
+    said = []
+    options = dict(precision="fp32", max_context=256, cache_dir=str(tmp_path / "cache"), log=said.append)
+    record = build_engines(str(tiny_export), str(tmp_path / "engines"), timing_cache=str(tmp_path / "timing"), **options)
+    assert (record["flavour"], record["gpu"], record["compute_capability"]) == ("tensorrt-rtx", "Emulated GPU", "8.9")
+    assert [p["name"] for p in record["engines"]["decoder"]["profiles"]] == ["prefill", "decode", "extend"]
+    assert (tmp_path / "timing").read_bytes() == b"emulated timing cache"
+    said.clear()
+    build_engines(str(tiny_export), str(tmp_path / "again"), **options)
+    assert said == [f"{g}: unchanged, taken from the engine cache" for g in ("vision", "embedding", "decoder")]
+
+    image = Image.new("RGB", (150, 70), "red")
+    with Pipeline.from_dir(str(tiny_export)) as cpu, Pipeline.from_dir(str(tmp_path / "engines"), backend="tensorrt",
+                                                                       device="cuda") as gpu:
+        allocated = memory.allocations
+        memory.to_host.clear()
+        assert gpu.generate("what colour?", image=image, max_new_tokens=12) == cpu.generate("what colour?", image=image,
+                                                                                          max_new_tokens=12)
+        assert memory.allocations == allocated  # every buffer was allocated when the engines were loaded
+        # To the host: the vision graph's image tokens once, then only one row of logits per step.
+        assert set(memory.to_host[1:]) == {4 * gpu.manifest.model["vocab"]}, memory.to_host
+        ran.clear()
+        turns = [("what shape?", image), ("and its colour?", None)]
+        on_gpu, on_cpu = gpu.conversation(), cpu.conversation()
+        for question, picture in turns:
+            assert "".join(on_gpu.ask(question, image=picture, max_new_tokens=8)) == \
+                "".join(on_cpu.ask(question, image=picture, max_new_tokens=8))
+    profiles = {index for graph, index in ran if graph == "decoder.onnx"}
+    assert profiles == {0, 1, 2}  # prefill, decode steps, and the second turn's extend

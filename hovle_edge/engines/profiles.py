@@ -1,7 +1,9 @@
 """TensorRT optimization profiles as plain data, derived from a model folder's manifest: for the
-embedding and decoder graphs a prefill profile (past 0, sequence 1..max prompt) and a decode profile
-(sequence 1, past 1..max context - 1); for the vision graph tiles 1..max tiles. Nothing here imports
-TensorRT, so it is tested everywhere."""
+embedding and decoder graphs a prefill profile (past 0, sequence 1..max prompt), a decode profile
+(sequence 1, past 1..max context - 1) and an extend profile (sequence 2..max prompt after a past: a
+conversation's next turn, which runs only its own tokens); for the vision graph tiles 1..max tiles.
+The three never overlap, so exactly one takes any step. Nothing here imports TensorRT, so it is
+tested everywhere."""
 
 from __future__ import annotations
 
@@ -70,9 +72,12 @@ def graph_profiles(graph: str, manifest: Manifest, limits: Limits) -> list[Profi
     last = limits.max_context - 1
     decode = {BATCH: b, SEQUENCE: (1, 1, 1), PAST: (1, mid(1, last), last), TOTAL: (2, mid(1, last) + 1, last + 1),
               IMAGE_ROWS: (1, 1, 1)}
+    turn = min(prompt, last)
+    extend = {BATCH: b, SEQUENCE: (2, mid(2, turn), max(2, turn)), PAST: (1, mid(1, last - 2), max(1, last - 1)),
+              TOTAL: (3, mid(3, limits.max_context), limits.max_context), IMAGE_ROWS: (1, image_rows, image_rows)}
     used = {d for spec in manifest.graph_io(graph)[0] for d in spec.dims if isinstance(d, str)}
-    return [Profile("prefill", {k: v for k, v in prefill.items() if k in used}),
-            Profile("decode", {k: v for k, v in decode.items() if k in used})]
+    return [Profile(name, {k: v for k, v in dims.items() if k in used})
+            for name, dims in (("prefill", prefill), ("decode", decode), ("extend", extend))]
 
 
 def choose_profile(profiles: list[Profile], dims: dict) -> int:

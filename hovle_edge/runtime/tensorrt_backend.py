@@ -56,7 +56,9 @@ class TensorRTBackend:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines, self.contexts, self.profiles, self.specs = {}, {}, {}, {}
         self.buffers: dict[tuple[str, str], int] = {}  # (graph, tensor) -> device pointer, inputs and host-bound outputs
-        self.kv_pairs: dict[str, tuple[int, int]] = {}  # present name -> the two buffers it alternates between
+        # (graph, present name) -> the two buffers it alternates between. Keyed by graph too: the
+        # embedding and the decoder both name their caches present.{i}.key|value.
+        self.kv_pairs: dict[tuple[str, str], tuple[int, int]] = {}
         for graph in GRAPHS:
             entry = self.record["engines"][graph]
             path = os.path.join(self.directory, entry["file"])
@@ -87,7 +89,8 @@ class TensorRTBackend:
         for spec in inputs + outputs:
             nbytes = self._largest(spec, graph) * ITEM_BYTES[spec.dtype]
             if spec.name.startswith("present."):
-                self.kv_pairs[spec.name] = (check(self.cudart.cudaMalloc(nbytes)), check(self.cudart.cudaMalloc(nbytes)))
+                self.kv_pairs[(graph, spec.name)] = (check(self.cudart.cudaMalloc(nbytes)),
+                                                     check(self.cudart.cudaMalloc(nbytes)))
             elif not spec.name.startswith("past_key_values."):  # pasts are the presents' buffers
                 self.buffers[(graph, spec.name)] = check(self.cudart.cudaMalloc(max(nbytes, 1)))
 
@@ -110,7 +113,7 @@ class TensorRTBackend:
                 pointer = value.pointer
                 used.add(pointer)
             elif spec.name.startswith("past_key_values."):  # an empty past at prefill: any valid address
-                pointer = self.kv_pairs[spec.name.replace("past_key_values.", "present.")][0]
+                pointer = self.kv_pairs[(graph, spec.name.replace("past_key_values.", "present."))][0]
             else:
                 pointer = self.buffers[(graph, spec.name)]
                 host = np.ascontiguousarray(value, dtype=spec.dtype)
@@ -122,8 +125,8 @@ class TensorRTBackend:
         results = {}
         for spec in outputs:
             shape = tuple(context.get_tensor_shape(spec.name))
-            if spec.name in self.kv_pairs:
-                first, second = self.kv_pairs[spec.name]
+            if (graph, spec.name) in self.kv_pairs:
+                first, second = self.kv_pairs[(graph, spec.name)]
                 pointer = second if first in used else first  # never overwrite the past it reads
                 results[spec.name] = DeviceTensor(pointer, shape, spec.dtype)
             else:
