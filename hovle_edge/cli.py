@@ -91,9 +91,6 @@ def sampling_options(command):
         click.option("--top-p", type=float, default=1.0, show_default=True),
         click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
         click.option("--seed", type=int, default=None),
-        click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default=None,
-                     help="Under torchrun: ddp keeps a whole replica per process; fsdp shards weights, gradients "
-                          "and optimizer state (for the 2.6B model on GPUs that cannot hold it all). Default ddp."),
     ]
     for option in reversed(options):
         command = option(command)
