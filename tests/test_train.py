@@ -124,18 +124,20 @@ def test_distill_from_a_language_model_folder(world, tmp_path):
     assert json.loads((out / "distill_scores.json").read_text())["image_cosine"] == metrics["image_cosine"]
 
 
-def torchrun(args: list[str], port: int, **kwargs) -> None:
-    """Two CPU processes on gloo, one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                           *args], capture_output=True, text=True, env=env, timeout=300, **kwargs)
+def python(args: list[str]) -> None:
+    """`python ARGS` with one thread per process; fails the test with its stderr."""
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def torchrun(args: list[str], port: int) -> None:
+    """Two CPU processes on gloo."""
+    python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args])
 
 
 def one_process(args: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-m", "hovle_edge.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    python(["-m", "hovle_edge.cli", *args])
 
 
 def distill_args(tiny_checkpoint, world, steps: int) -> list[str]:

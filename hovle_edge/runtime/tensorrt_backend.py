@@ -128,10 +128,9 @@ class TensorRTBackend:
             if (graph, spec.name) in self.kv_pairs:
                 first, second = self.kv_pairs[(graph, spec.name)]
                 pointer = second if first in used else first  # never overwrite the past it reads
-                results[spec.name] = DeviceTensor(pointer, shape, spec.dtype)
             else:
                 pointer = self.buffers[(graph, spec.name)]
-                results[spec.name] = DeviceTensor(pointer, shape, spec.dtype)
+            results[spec.name] = DeviceTensor(pointer, shape, spec.dtype)
             context.set_tensor_address(spec.name, pointer)
         if not context.execute_async_v3(self.stream):
             raise BackendError(f"{graph}: TensorRT execution failed")
