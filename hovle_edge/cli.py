@@ -229,12 +229,15 @@ def shapes():
 
 @shapes.command("pretrain-teacher")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--steps", type=int, default=300, show_default=True)
+@click.option("--steps", type=int, default=None, help="Training steps  [default: the demo's]")
 def shapes_teacher(out, steps):
     """Train the tiny vision encoder that plays InternViT, on scene attributes."""
-    from hovle_edge.train.teacher import pretrain_teacher
+    from hovle_edge.train.teacher import TEACHER_STEPS, pretrain_teacher
 
-    click.echo(f"attribute accuracy on fresh scenes: {100 * pretrain_teacher(out, steps=steps):.1f}%")
+    steps = TEACHER_STEPS if steps is None else steps
+
+    accuracy = pretrain_teacher(out, steps=steps)
+    click.echo("accuracy on the things of fresh scenes: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy.items()))
 
 
 @shapes.command("pretrain-lm")

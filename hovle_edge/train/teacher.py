@@ -29,17 +29,24 @@ def fit(pixel_values, size: int):
 
 
 class ShapesTeacher(nn.Module):
-    """A small ViT: 14x14 patches, a few pre-norm transformer layers, per-quadrant attribute heads."""
+    """A small convolutional encoder: stride-2 3x3 stages down to a grid x grid feature map (one
+    feature per patch, each seeing about a quadrant), and per-quadrant attribute heads. A ViT of the
+    same cost trained on the same budget never learned to tell shapes apart (30% on occupied
+    quadrants against 98% for this one), and a teacher cannot pass on what it does not know."""
 
-    def __init__(self, image_size: int = 112, patch_size: int = 14, width: int = 128, layers: int = 2, heads: int = 4):
+    def __init__(self, image_size: int = 128, grid: int = 8, width: int = 128, channels: tuple = (32, 64, 128)):
         super().__init__()
-        self.config = dict(architectures=[ARCHITECTURE], image_size=image_size, patch_size=patch_size, width=width,
-                           layers=layers, heads=heads)
-        self.grid = image_size // patch_size
-        self.patch = nn.Conv2d(3, width, patch_size, stride=patch_size)
-        self.position = nn.Parameter(torch.randn(1, self.grid ** 2, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        channels = tuple(channels)
+        if image_size != grid * 2 ** (len(channels) + 1):
+            raise ConfigError(f"teacher: image_size {image_size} must be grid {grid} x 2^{len(channels) + 1}")
+        self.config = dict(architectures=[ARCHITECTURE], image_size=image_size, grid=grid, width=width,
+                           channels=list(channels))
+        self.grid = grid
+        stages, inputs = [], 3
+        for outputs in channels + (width,):
+            stages += [nn.Conv2d(inputs, outputs, 3, stride=2, padding=1), nn.GELU()]
+            inputs = outputs
+        self.body = nn.Sequential(*stages, nn.Conv2d(width, width, 3, padding=1))
         self.norm = nn.LayerNorm(width)
         # Attribute heads per quadrant; "none" is the last class of shape and colour.
         self.shape_head = nn.Linear(width, len(shapes.SHAPES) + 1)
@@ -51,9 +58,9 @@ class ShapesTeacher(nn.Module):
         return self.config["width"]
 
     def forward(self, pixel_values):
-        """[T, 3, S, S] -> patch features [T, grid^2, width]."""
-        x = self.patch(fit(pixel_values, self.config["image_size"])).flatten(2).transpose(1, 2) + self.position
-        return self.norm(self.encoder(x))
+        """[T, 3, S, S] -> patch features [T, grid^2, width], row-major."""
+        x = self.body(fit(pixel_values, self.config["image_size"]))  # [T, width, grid, grid]
+        return self.norm(x.flatten(2).transpose(1, 2))
 
     def quadrants(self, features):
         """[T, grid^2, W] -> [T, 4, W]: mean feature of each quadrant in the order of shapes.POSITIONS."""
@@ -92,9 +99,13 @@ def teacher_loss(teacher: ShapesTeacher, pixels, targets):
     return loss
 
 
-def pretrain_teacher(out: str, steps: int = 300, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-                     progress: bool = True) -> float:
-    """Train the shapes teacher on scene attributes; returns its attribute accuracy on fresh scenes."""
+TEACHER_STEPS = 400  # 40-50 s on 2 CPU cores; shape, colour and size at 97% or more on the things
+
+
+def pretrain_teacher(out: str, steps: int = TEACHER_STEPS, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                     progress: bool = True) -> dict[str, float]:
+    """Train the shapes teacher on scene attributes; returns each attribute's accuracy on the things
+    of fresh scenes."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -114,17 +125,20 @@ def pretrain_teacher(out: str, steps: int = 300, batch_size: int = 32, lr: float
     with atomic_directory(out) as tmp:
         save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump({**teacher.config, "attribute_accuracy": accuracy}, f, indent=2)
+            json.dump({**teacher.config, "accuracy_on_things": accuracy}, f, indent=2)
     return accuracy
 
 
 @torch.no_grad()
-def attribute_accuracy(teacher: ShapesTeacher, seed: int, count: int = 256) -> float:
+def attribute_accuracy(teacher: ShapesTeacher, seed: int, count: int = 256) -> dict[str, float]:
+    """Accuracy of each attribute head on the quadrants that hold a thing (empty ones are easy and
+    would hide a teacher blind to shape)."""
     pixels, targets = scene_batch(seed, count, teacher.config["image_size"])
     pooled = teacher.quadrants(teacher(pixels))
-    right = sum((head(pooled).argmax(-1) == targets[..., k]).float().mean()
-                for k, head in enumerate((teacher.shape_head, teacher.colour_head, teacher.size_head)))
-    return float(right / 3)
+    held = targets[..., 0] != len(shapes.SHAPES)
+    heads = {"shape": teacher.shape_head, "colour": teacher.colour_head, "size": teacher.size_head}
+    return {name: round(float((head(pooled).argmax(-1) == targets[..., k])[held].float().mean()), 4)
+            for k, (name, head) in enumerate(heads.items())}
 
 
 class HFVisionTeacher(nn.Module):
@@ -154,7 +168,7 @@ def load_teacher(directory: str) -> nn.Module:
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     if ARCHITECTURE in config.get("architectures", []):
-        keys = ("image_size", "patch_size", "width", "layers", "heads")
+        keys = ("image_size", "grid", "width", "channels")
         teacher = ShapesTeacher(**{k: config[k] for k in keys})
         teacher.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
     else:
