@@ -160,6 +160,8 @@ class StreamDecoder:
         self.shown = 0  # characters of the window's text already emitted
 
     def push(self, token_id: int) -> str:
+        if not 0 <= token_id < self.tokenizer.vocab_size:
+            return ""  # an id the tokenizer lacks decodes to nothing, and a whole decode skips it
         self.ids.append(token_id)
         if token_id in self.tokenizer.byte_ids:
             return ""
@@ -181,7 +183,11 @@ def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as Backend
 
-    meta = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # Newlines and punctuation are pieces of their own, so that "circle?" in a question is the "circle"
+    # of a description and a turn's first word (after "user\n") is a word, not a merge across lines.
+    meta = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                    pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+                                    pre_tokenizers.Punctuation()])
     learned_size = vocab_size - len(BYTE_TOKENS)
     trainer = trainers.BpeTrainer(vocab_size=learned_size, special_tokens=SPECIAL_TOKENS,
                                   min_frequency=2, show_progress=False)

@@ -146,3 +146,28 @@ def test_streaming_random_ids_including_invalid_byte_runs(trained):
         stream = StreamDecoder(trained)
         pieces = [stream.push(i) for i in ids] + [stream.flush()]
         assert "".join(pieces) == trained.decode(ids)
+
+
+def test_world_tokenizer_has_one_piece_per_word():
+    """Every word of the shapes world is one piece: alone (as an answer is encoded), after a space
+    (with the same id, so an answer is the word of a description) and before punctuation; and so is
+    every word that starts a line inside the template (answers, questions' first words, roles)."""
+    from hovle_edge.train import shapes
+
+    tokenizer = shapes.world_tokenizer()
+    answers = [*shapes.SHAPES, *shapes.COLOURS, *shapes.NUMBERS, "nothing", "top", "bottom"]
+    for word in answers + [*shapes.SIZES, "left", "right", "colour"]:
+        alone = tokenizer.encode(word)
+        assert len(alone) == 1 and tokenizer.encode(f"a {word}")[1:] == alone, word
+        assert tokenizer.encode(f"the {word}?")[1:-1] == alone, word
+    for word in answers + ["what", "where", "how", "user", "assistant"]:
+        assert len(tokenizer.encode(f"the\n{word}")) == 3, word
+
+
+def test_streaming_skips_ids_the_tokenizer_lacks(trained):
+    """A model's vocabulary can be larger than its tokenizer's; such ids decode to nothing, and a
+    byte run around one is still one run (as in a whole decode)."""
+    newline, unknown = trained.token_id("<0x0A>"), trained.vocab_size + 5
+    ids = [trained.token_id("<0xBB>"), newline, unknown, newline]
+    stream = StreamDecoder(trained)
+    assert "".join([stream.push(i) for i in ids] + [stream.flush()]) == trained.decode(ids)

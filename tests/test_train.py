@@ -180,6 +180,26 @@ def test_fsdp_sharded_run_resumes_and_matches_one_process(tiny_checkpoint, world
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
+def test_teacher_learns_shape_not_only_colour(tmp_path):
+    """A teacher blind to shape (the first one was: 30% on the things) caps everything downstream.
+    Measured on this run: shape 82%, colour 100%, size 99.6% (the demo's 400 x 32: 97.6 / 99.8 / 100)."""
+    from hovle_edge.train.teacher import load_teacher, pretrain_teacher
+
+    accuracy = pretrain_teacher(str(tmp_path / "teacher"), steps=250, batch_size=16, progress=False)
+    assert accuracy["shape"] >= 0.75 and accuracy["colour"] >= 0.97 and accuracy["size"] >= 0.97
+    features = load_teacher(str(tmp_path / "teacher"))(torch.zeros(2, 3, 112, 112))
+    assert features.shape == (2, 64, 128)  # an 8 x 8 grid of patch features from a 112-pixel tile
+
+
+def test_patch_positions_start_distinct_and_ordered():
+    from hovle_edge.train.stages import sincos_positions
+
+    positions = sincos_positions(4, 64)
+    distance = torch.cdist(positions, positions)
+    assert positions.shape == (16, 64) and distance[~torch.eye(16, dtype=torch.bool)].min() > 0.5
+    assert distance[0, 1] < distance[0, 2] < distance[0, 3] and distance[0, 4] < distance[0, 8] < distance[0, 12]
+
+
 def test_schedule():
     settings = TrainSettings(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
     assert lr_at(0, settings) == pytest.approx(0.1) and lr_at(9, settings) == pytest.approx(1.0)
@@ -211,6 +231,25 @@ def test_shapes_world_is_deterministic_and_answers_are_right():
                 assert [t.position for t in things if t.shape == shape] == [answer]
 
 
+def test_captions_follow_reading_order_and_chats_ask_every_question(tmp_path):
+    """A caption is a function of the picture (things in reading order), and a chat record asks every
+    question its scene has, the image only in the first turn."""
+    for seed in range(40):
+        things, _ = shapes.sample(seed)
+        assert [t.position for t in things] == [p for p in shapes.POSITIONS if p in {t.position for t in things}]
+    path = shapes.write_dataset(str(tmp_path), "chat", 20, seed=4)
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    for record in filter(lambda r: "image" in r, records):
+        humans = [turn["value"] for turn in record["conversations"] if turn["from"] == "human"]
+        assert humans[0].startswith("<image>\n") and not any("<image>" in h for h in humans[1:])
+        humans[0] = humans[0].removeprefix("<image>\n")
+        # how many, a thing's shape and colour, an empty quadrant; and a thing of a unique shape's colour and place
+        unique = sum(h.startswith("where is") for h in humans)
+        assert len(set(humans)) == len(humans) == 4 + 2 * unique and unique <= 1
+        assert sum(h.startswith("what shape is at") for h in humans) == 2
+
+
 def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
     from hovle_edge.train.demo import DemoPlan, run_demo
 
@@ -219,7 +258,7 @@ def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["accuracy"] == report["accuracy"] and 0 <= report["accuracy"] <= 100
     assert report["questions"] == 20 and report["runtime_equals_pytorch"] == 100.0
-    assert {"language_kept", "accuracy_pytorch", "latency_ms", "distill"} <= set(report)
+    assert {"language_kept", "accuracy_pytorch", "latency_ms", "distill", "teacher_accuracy_on_things"} <= set(report)
     assert set(report["seconds_by_step"]) >= {"teacher", "lm", "distill", "align", "instruct", "export"}
     stamp = os.path.getmtime(out / "stage3-instruct" / "model.safetensors")
     again = run_demo(str(out), DemoPlan.quick(), progress=False)

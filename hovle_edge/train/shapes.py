@@ -19,7 +19,6 @@ SIZES = ["small", "large"]
 POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SIDES = {"circle": "zero", "square": "four", "triangle": "three", "star": "ten"}
-SYSTEM = "You answer questions about pictures of shapes."
 DRAWN_SIZE = 112  # the canvas; the demo model's tile size is the same, so a scene is one tile
 
 
@@ -35,10 +34,11 @@ class Thing:
 
 
 def scene(rng: random.Random) -> list[Thing]:
-    """One to three things, each in its own quadrant."""
+    """One to three things, each in its own quadrant, in reading order (so a caption is a function of
+    the picture: a model is never asked to guess which thing a caption names first)."""
     count = rng.randint(1, 3)
-    return [Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), position)
-            for position in rng.sample(POSITIONS, count)]
+    positions = sorted(rng.sample(POSITIONS, count), key=POSITIONS.index)
+    return [Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), position) for position in positions]
 
 
 def draw(things: list[Thing], rng: random.Random, size: int = DRAWN_SIZE) -> Image.Image:
@@ -91,6 +91,11 @@ def questions(things: list[Thing], rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
+def turns(asked: list[tuple[str, str]]) -> list[dict]:
+    """(question, answer) pairs as a conversation in the InternVL/LLaVA JSONL format."""
+    return [turn for q, a in asked for turn in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+
+
 def text_questions(rng: random.Random) -> tuple[str, str]:
     """A question the language model answers without a picture."""
     kind = rng.randrange(3)
@@ -112,18 +117,22 @@ def sample(seed: int) -> tuple[list[Thing], Image.Image]:
 
 
 def world_texts(count: int = 4000, seed: int = 0) -> list[str]:
-    """Text of the world for the tokenizer and the language model: captions and both kinds of questions."""
+    """Text of the world for the tokenizer, as the trainers encode it: captions and answers on their
+    own, and conversations as lines ("user\n..." / "assistant\n..."), where a question's first word and
+    the role names follow a newline as they do inside the chat template."""
     rng = random.Random(seed)
     texts = []
     for _ in range(count):
         things = scene(rng)
+        asked = questions(things, rng) + [text_questions(rng)]
+        asked[0] = (f"{caption(things)}. {asked[0][0]}", asked[0][1])
         texts.append(caption(things))
-        texts.extend(f"{q} {a}" for q, a in questions(things, rng))
-        texts.append(" ".join(text_questions(rng)))
-    return texts + [SYSTEM]
+        texts.extend(a for _, a in asked)
+        texts.append("\n".join(f"user\n{q}\nassistant\n{a}" for q, a in asked))
+    return texts
 
 
-def world_tokenizer(vocab_size: int = 384):
+def world_tokenizer(vocab_size: int = 768):
     from hovle_edge.tokenizer import train_tokenizer
 
     return train_tokenizer(world_texts(), vocab_size)
@@ -148,10 +157,9 @@ def write_dataset(directory: str, kind: str, count: int, seed: int) -> str:
                 record = {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
             else:
                 asked = questions(things, rng)
-                turns = []
-                for n, (q, a) in enumerate(rng.sample(asked, k=min(3, len(asked)))):
-                    turns += [{"from": "human", "value": ("<image>\n" if n == 0 else "") + q}, {"from": "gpt", "value": a}]
-                record = {"image": name, "conversations": turns}
+                rng.shuffle(asked)  # every question, in an order that teaches no answer from its place
+                asked[0] = ("<image>\n" + asked[0][0], asked[0][1])
+                record = {"image": name, "conversations": turns(asked)}
             f.write(json.dumps(record) + "\n")
     os.replace(path + ".tmp", path)
     return path
