@@ -234,9 +234,7 @@ def shapes_teacher(out, steps):
     """Train the tiny vision encoder that plays InternViT, on scene attributes."""
     from hovle_edge.train.teacher import TEACHER_STEPS, pretrain_teacher
 
-    steps = TEACHER_STEPS if steps is None else steps
-
-    accuracy = pretrain_teacher(out, steps=steps)
+    accuracy = pretrain_teacher(out, steps=TEACHER_STEPS if steps is None else steps)
     click.echo("accuracy on the things of fresh scenes: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy.items()))
 
 

@@ -106,7 +106,7 @@ def evaluate(paths: dict, count: int) -> dict:
     from hovle_edge.tokenizer import ChatTemplate, Tokenizer
     from hovle_edge.train.evaluate import (percent, runtime_answer, scene_questions, text_questions,
                                            torch_answer)
-    from hovle_edge.train.lm import lm_answer, load_lm
+    from hovle_edge.train.lm import LM_TEMPLATE, lm_answer, load_lm
 
     model = HoVLE.from_pretrained(paths["stage3-instruct"])
     tokenizer = Tokenizer.from_dir(paths["stage3-instruct"])
@@ -123,8 +123,7 @@ def evaluate(paths: dict, count: int) -> dict:
         texts = text_questions(100)
         final_text = [runtime_answer(pipe, q) for q, _ in texts]
     lm = load_lm(paths["lm"])
-    lm_template = ChatTemplate(0, None)
-    lm_text = [lm_answer(lm, tokenizer, lm_template, q) for q, _ in texts]
+    lm_text = [lm_answer(lm, tokenizer, LM_TEMPLATE, q) for q, _ in texts]
     by_kind = {}
     for (_, question, answer), got in zip(items, runtime_answers):
         kind = " ".join(question.split()[:2])

@@ -22,6 +22,7 @@ from hovle_edge.train.data import IGNORE, collate, encode_caption, encode_chat
 from hovle_edge.train.loop import Task, TrainSettings, train
 
 ARCHITECTURE = "InternLM2ForCausalLM"
+LM_TEMPLATE = ChatTemplate(tokens_per_tile=0, system=None)  # text only, no system prompt: as HoVLE's stages
 LM_DEFAULTS = TrainSettings(steps=250, batch_size=32, lr=2e-3, warmup=30)  # about 1 min on 2 CPU cores
 
 
@@ -55,7 +56,7 @@ def next_token_loss(logits, labels):
 class PretrainLM(Task):
     def __init__(self, tokenizer: Tokenizer, config: LLMConfig, seed: int):
         self.tokenizer, self.seed = tokenizer, seed
-        self.template = ChatTemplate(tokens_per_tile=0, system=None)  # as HoVLE's stages
+        self.template = LM_TEMPLATE
         self.model = InternLM2ForCausalLM(config)
         self.module = LMModule(self.model)
 

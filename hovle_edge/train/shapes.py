@@ -153,8 +153,7 @@ def write_dataset(directory: str, kind: str, count: int, seed: int) -> str:
             if kind == "caption":
                 record = {"image": name, "text": caption(things)}
             elif i % 10 == 9:  # some text-only chat keeps the language model's answers
-                q, a = text_questions(rng)
-                record = {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+                record = {"conversations": turns([text_questions(rng)])}
             else:
                 asked = questions(things, rng)
                 rng.shuffle(asked)  # every question, in an order that teaches no answer from its place

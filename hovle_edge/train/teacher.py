@@ -54,6 +54,11 @@ class ShapesTeacher(nn.Module):
         self.size_head = nn.Linear(width, len(shapes.SIZES) + 1)
 
     @property
+    def heads(self) -> dict[str, nn.Linear]:
+        """The attribute heads, in the order of scene_targets' columns."""
+        return {"shape": self.shape_head, "colour": self.colour_head, "size": self.size_head}
+
+    @property
     def width(self) -> int:
         return self.config["width"]
 
@@ -93,7 +98,7 @@ def scene_batch(seed: int, size: int, image_size: int):
 def teacher_loss(teacher: ShapesTeacher, pixels, targets):
     pooled = teacher.quadrants(teacher(pixels))  # [T, 4, W]
     loss = 0.0
-    for k, head in enumerate((teacher.shape_head, teacher.colour_head, teacher.size_head)):
+    for k, head in enumerate(teacher.heads.values()):
         logits = head(pooled)
         loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[..., k].reshape(-1))
     return loss
@@ -136,9 +141,8 @@ def attribute_accuracy(teacher: ShapesTeacher, seed: int, count: int = 256) -> d
     pixels, targets = scene_batch(seed, count, teacher.config["image_size"])
     pooled = teacher.quadrants(teacher(pixels))
     held = targets[..., 0] != len(shapes.SHAPES)
-    heads = {"shape": teacher.shape_head, "colour": teacher.colour_head, "size": teacher.size_head}
     return {name: round(float((head(pooled).argmax(-1) == targets[..., k])[held].float().mean()), 4)
-            for k, (name, head) in enumerate(heads.items())}
+            for k, (name, head) in enumerate(teacher.heads.items())}
 
 
 class HFVisionTeacher(nn.Module):
