@@ -161,6 +161,9 @@ def train_options(command):
         click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default=None,
                      help="Under torchrun: ddp keeps a whole replica per process; fsdp shards weights, gradients "
                           "and optimizer state (for the 2.6B model on GPUs that cannot hold it all). Default ddp."),
+        click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=None,
+                     help="bf16 autocast or fp32. Default auto: bf16 on a GPU and on a CPU with native bf16 "
+                          "(AVX512-BF16 or AMX), fp32 elsewhere."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -272,7 +275,7 @@ def demo(out, quick):
     fresh scenes through the torch-free runtime; prints accuracy and latency, writes report.json."""
     from hovle_edge.train.demo import DemoPlan, run_demo
 
-    report = run_demo(out, DemoPlan.quick() if quick else DemoPlan())
+    report = run_demo(out, DemoPlan.quick() if quick else DemoPlan.for_this_machine())
     click.echo(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
     click.echo(f"accuracy {report['accuracy']:.1f}% on {report['questions']} questions; report in "
                f"{os.path.join(out, 'report.json')}")

@@ -15,7 +15,8 @@ from hovle_edge.model.weights import read_state_dict
 from hovle_edge.tokenizer import ChatTemplate
 from hovle_edge.train import shapes
 from hovle_edge.train.data import IGNORE, encode_chat
-from hovle_edge.train.loop import TrainSettings, finished, lr_at
+from hovle_edge.errors import ConfigError
+from hovle_edge.train.loop import TrainSettings, finished, lr_at, native_bf16, uses_bf16
 from hovle_edge.train.stages import run_stage
 
 
@@ -33,7 +34,8 @@ def world(tmp_path_factory):
 
 
 def small(**overrides):
-    base = dict(steps=4, batch_size=2, lr=1e-3, warmup=1, log_every=1)
+    # fp32: these tests compare runs to the last bit, which bf16 on one machine and fp32 on another would not.
+    base = dict(steps=4, batch_size=2, lr=1e-3, warmup=1, log_every=1, precision="fp32")
     base.update(overrides)
     return base
 
@@ -142,7 +144,8 @@ def one_process(args: list[str]) -> None:
 
 def distill_args(tiny_checkpoint, world, steps: int) -> list[str]:
     return ["train", "distill", "--init", str(tiny_checkpoint), "--data", str(world / "distill" / "images"),
-            "--teacher", str(world / "teacher"), "--steps", str(steps), "--lr", "1e-3", "--warmup", "1"]
+            "--teacher", str(world / "teacher"), "--steps", str(steps), "--lr", "1e-3", "--warmup", "1",
+            "--precision", "fp32"]
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, world, tmp_path):
@@ -158,7 +161,7 @@ import json, sys
 from hovle_edge.train.stages import run_stage
 init, images, teacher, out = sys.argv[1:]
 run_stage("distill", init, out, data=images, teacher=teacher, progress=False, stop_after=2,
-          overrides=dict(steps=3, batch_size=2, lr=1e-3, warmup=1, save_every=1, parallel="fsdp"))
+          overrides=dict(steps=3, batch_size=2, lr=1e-3, warmup=1, save_every=1, parallel="fsdp", precision="fp32"))
 """
 
 
@@ -198,6 +201,34 @@ def test_patch_positions_start_distinct_and_ordered():
     distance = torch.cdist(positions, positions)
     assert positions.shape == (16, 64) and distance[~torch.eye(16, dtype=torch.bool)].min() > 0.5
     assert distance[0, 1] < distance[0, 2] < distance[0, 3] and distance[0, 4] < distance[0, 8] < distance[0, 12]
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu)
+    assert uses_bf16("auto", cpu) == native_bf16(cpu) and native_bf16(torch.device("cuda"))
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        uses_bf16("fp16", cpu)
+
+
+def test_bf16_stage_trains_and_says_so(tiny_checkpoint, world, tmp_path):
+    """bf16 autocast on the CPU (emulated where the CPU lacks it, which is slow but correct)."""
+    out = tmp_path / "bf16"
+    metrics = run_stage("align", str(tiny_checkpoint), str(out), data=str(world / "caption.jsonl"),
+                        overrides=small(steps=3, precision="bf16"), progress=False)
+    assert np.isfinite(metrics["loss"])
+    assert json.loads((out / "train_config.json").read_text())["settings"]["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in weights(out).values())  # autocast leaves the weights fp32
+
+
+def test_demo_plan_follows_the_machine(monkeypatch):
+    from hovle_edge.train import demo
+
+    monkeypatch.setattr(demo, "native_bf16", lambda device: False)
+    assert demo.DemoPlan.for_this_machine() == demo.DemoPlan()
+    monkeypatch.setattr(demo, "native_bf16", lambda device: True)
+    plan, base = demo.DemoPlan.for_this_machine(), demo.DemoPlan()
+    assert plan.instruct.steps == 4 * base.instruct.steps and plan.chat_records == 4 * base.chat_records
 
 
 def test_schedule():
@@ -258,7 +289,7 @@ def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["accuracy"] == report["accuracy"] and 0 <= report["accuracy"] <= 100
     assert report["questions"] == 20 and report["runtime_equals_pytorch"] == 100.0
-    assert {"language_kept", "accuracy_pytorch", "latency_ms", "distill", "teacher_accuracy_on_things"} <= set(report)
+    assert {"language_kept", "accuracy_pytorch", "latency_ms", "distill", "teacher_accuracy_on_things", "plan"} <= set(report)
     assert set(report["seconds_by_step"]) >= {"teacher", "lm", "distill", "align", "instruct", "export"}
     stamp = os.path.getmtime(out / "stage3-instruct" / "model.safetensors")
     again = run_demo(str(out), DemoPlan.quick(), progress=False)

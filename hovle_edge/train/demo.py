@@ -14,7 +14,7 @@ from hovle_edge.errors import InputError
 from hovle_edge.files import read_json, write_json
 from hovle_edge.train import shapes
 from hovle_edge.train.lm import LM_DEFAULTS
-from hovle_edge.train.loop import TrainSettings, finished
+from hovle_edge.train.loop import TrainSettings, finished, native_bf16
 from hovle_edge.train.teacher import TEACHER_STEPS
 
 
@@ -37,12 +37,29 @@ class DemoPlan:
     questions: int = 200
 
     @classmethod
+    def for_this_machine(cls) -> "DemoPlan":
+        """The plan that fits the 10 minutes here. Where the CPU computes bf16 natively the loop
+        autocasts to it (a step 2.4x faster), and stage 3 takes 1600 steps over 16000 chat images:
+        85.5% of the questions right against 77.5% at 800 steps; from 4000 images more steps only
+        memorized them (72.5% at 800)."""
+        if not native_bf16(training_device()):
+            return cls()
+        return cls(chat_records=16000, instruct=TrainSettings(steps=1600, batch_size=16, lr=3e-4, warmup=30))
+
+    @classmethod
     def quick(cls) -> "DemoPlan":
         return cls(caption_records=200, chat_records=400, distill_images=100, teacher_steps=20, questions=20,
                    lm=TrainSettings(steps=20, batch_size=16, lr=2e-3, warmup=5),
                    distill=TrainSettings(steps=10, batch_size=8, lr=1e-3, warmup=2),
                    align=TrainSettings(steps=10, batch_size=8, lr=1e-3, warmup=2),
                    instruct=TrainSettings(steps=10, batch_size=8, lr=5e-4, warmup=2), embedding_layers=2)
+
+
+def training_device():
+    """The device the training loop picks (it takes a GPU when there is one)."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def say(text: str) -> None:
@@ -55,7 +72,7 @@ def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bo
     from hovle_edge.train.stages import run_stage
     from hovle_edge.train.teacher import pretrain_teacher
 
-    plan = plan or DemoPlan()
+    plan = plan or DemoPlan.for_this_machine()
     started = time.perf_counter()
     seconds = {}
 
@@ -95,6 +112,8 @@ def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bo
     say(f"answering {plan.questions} questions about fresh scenes")
     report = timed("evaluate", evaluate, paths, plan.questions)
     report["seconds"] = round(time.perf_counter() - started, 1)
+    report["plan"] = {"chat_records": plan.chat_records, "instruct_steps": plan.instruct.steps,
+                      "bf16": native_bf16(training_device())}
     report["seconds_by_step"] = seconds  # only the steps this run did; reused ones are absent
     write_json(os.path.join(out, "report.json"), report)
     return report
