@@ -14,7 +14,7 @@ from hovle_edge.errors import InputError
 from hovle_edge.files import read_json, write_json
 from hovle_edge.train import shapes
 from hovle_edge.train.lm import LM_DEFAULTS
-from hovle_edge.train.loop import TrainSettings, finished, native_bf16
+from hovle_edge.train.loop import TrainSettings, finished, native_bf16, training_device, uses_bf16
 from hovle_edge.train.teacher import TEACHER_STEPS
 
 
@@ -53,13 +53,6 @@ class DemoPlan:
                    distill=TrainSettings(steps=10, batch_size=8, lr=1e-3, warmup=2),
                    align=TrainSettings(steps=10, batch_size=8, lr=1e-3, warmup=2),
                    instruct=TrainSettings(steps=10, batch_size=8, lr=5e-4, warmup=2), embedding_layers=2)
-
-
-def training_device():
-    """The device the training loop picks (it takes a GPU when there is one)."""
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def say(text: str) -> None:
@@ -113,7 +106,7 @@ def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bo
     report = timed("evaluate", evaluate, paths, plan.questions)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["plan"] = {"chat_records": plan.chat_records, "instruct_steps": plan.instruct.steps,
-                      "bf16": native_bf16(training_device())}
+                      "bf16": uses_bf16(plan.instruct.precision, training_device())}
     report["seconds_by_step"] = seconds  # only the steps this run did; reused ones are absent
     write_json(os.path.join(out, "report.json"), report)
     return report

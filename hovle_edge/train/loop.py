@@ -1,10 +1,10 @@
 """The training loop every stage shares: AdamW, warmup + cosine, gradient accumulation and clipping,
-bf16 autocast where the device computes in bf16, checkpoints in the official safetensors layout with the trainer's state beside
-them, exact resume, a progress bar, metrics.jsonl, and under torchrun either DistributedDataParallel
-or FSDP (fully_shard per decoder layer: weights, gradients and optimizer state split across the
-processes, for models whose optimizer state does not fit one GPU). The same command runs as one CPU
-process. A stage supplies a Task: a module whose forward(batch) returns (loss, tokens), the batches,
-and how to write its result."""
+bf16 autocast where the device computes in bf16, checkpoints in the official safetensors layout with
+the trainer's state beside them, exact resume, a progress bar, metrics.jsonl, and under torchrun
+either DistributedDataParallel or FSDP (fully_shard per decoder layer: weights, gradients and
+optimizer state split across the processes, for models whose optimizer state does not fit one GPU).
+The same command runs as one CPU process. A stage supplies a Task: a module whose forward(batch)
+returns (loss, tokens), the batches, and how to write its result."""
 
 from __future__ import annotations
 
@@ -101,6 +101,11 @@ def lr_at(step: int, settings: TrainSettings) -> float:
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def training_device() -> torch.device:
+    """This process's GPU when there is one (torchrun's LOCAL_RANK picks it), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether the device does bf16 arithmetic itself: a GPU, or a CPU with AVX512-BF16 or AMX (where
     a stage-3 step of the shapes model ran 2.4x faster than in fp32). Elsewhere bf16 is emulated,
@@ -155,7 +160,7 @@ def train(task: Task, settings: TrainSettings, out: str, desc: str = "train", pr
     into `out`. `stop_after` ends the run early as an interruption would (for tests). Returns the
     last metrics."""
     rank, world = distributed()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = training_device()
     task.module.to(device)
     runner = parallelize(task.module, world, settings.parallel)
     params = [p for p in task.module.parameters() if p.requires_grad]  # sharded ones under FSDP
