@@ -3,6 +3,7 @@ assistant's tokens, distillation from a teacher, DDP with two processes on gloo,
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -133,9 +134,16 @@ def python(args: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def torchrun(args: list[str], port: int) -> None:
+def free_port() -> int:
+    """A port nothing listens on now: a fixed one failed now and then while the last run's socket lingered."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(args: list[str]) -> None:
     """Two CPU processes on gloo."""
-    python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args])
+    python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), *args])
 
 
 def one_process(args: list[str]) -> None:
@@ -150,7 +158,7 @@ def distill_args(tiny_checkpoint, world, steps: int) -> list[str]:
 
 def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, world, tmp_path):
     args = distill_args(tiny_checkpoint, world, steps=2)
-    torchrun(["-m", "hovle_edge.cli", *args, "--batch-size", "2", "--out", str(tmp_path / "ddp")], port=29533)
+    torchrun(["-m", "hovle_edge.cli", *args, "--batch-size", "2", "--out", str(tmp_path / "ddp")])
     one_process([*args, "--batch-size", "4", "--out", str(tmp_path / "one")])
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
@@ -171,11 +179,11 @@ def test_fsdp_sharded_run_resumes_and_matches_one_process(tiny_checkpoint, world
     script = tmp_path / "interrupted.py"
     script.write_text(FSDP_INTERRUPTED)
     images, teacher, out = world / "distill" / "images", world / "teacher", tmp_path / "fsdp"
-    torchrun([str(script), str(tiny_checkpoint), str(images), str(teacher), str(out)], port=29534)
+    torchrun([str(script), str(tiny_checkpoint), str(images), str(teacher), str(out)])
     assert sorted(os.listdir(out / "checkpoints")) == ["step-0000001", "step-0000002"] and not finished(str(out))
     args = distill_args(tiny_checkpoint, world, steps=3)
     torchrun(["-m", "hovle_edge.cli", *args, "--batch-size", "2", "--save-every", "1", "--parallel", "fsdp",
-              "--out", str(out)], port=29535)
+              "--out", str(out)])
     assert finished(str(out)) and json.loads((out / "train_config.json").read_text())["settings"]["parallel"] == "fsdp"
     one_process([*args, "--batch-size", "4", "--out", str(tmp_path / "one")])
     a, b = weights(out), weights(tmp_path / "one")
@@ -228,7 +236,8 @@ def test_demo_plan_follows_the_machine(monkeypatch):
     assert demo.DemoPlan.for_this_machine() == demo.DemoPlan()
     monkeypatch.setattr(demo, "native_bf16", lambda device: True)
     plan, base = demo.DemoPlan.for_this_machine(), demo.DemoPlan()
-    assert plan.instruct.steps == 4 * base.instruct.steps and plan.chat_records == 4 * base.chat_records
+    assert plan.instruct.steps > base.instruct.steps and plan.chat_records > base.chat_records
+    assert plan.align.steps > base.align.steps and plan.caption_records > base.caption_records
 
 
 def test_schedule():
@@ -290,6 +299,7 @@ def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
     assert saved["accuracy"] == report["accuracy"] and 0 <= report["accuracy"] <= 100
     assert report["questions"] == 20 and report["runtime_equals_pytorch"] == 100.0
     assert {"language_kept", "accuracy_pytorch", "latency_ms", "distill", "teacher_accuracy_on_things", "plan"} <= set(report)
+    assert 0 <= report["caption_exact_after_align"] <= 100
     assert set(report["seconds_by_step"]) >= {"teacher", "lm", "distill", "align", "instruct", "export"}
     stamp = os.path.getmtime(out / "stage3-instruct" / "model.safetensors")
     again = run_demo(str(out), DemoPlan.quick(), progress=False)

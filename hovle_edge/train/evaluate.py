@@ -41,6 +41,21 @@ def torch_answer(model, tokenizer, template, question: str, image=None, max_new_
     return tokenizer.decode([t for t in new if t not in tokenizer.stop_ids]).strip()
 
 
+@torch.no_grad()
+def caption_exact(model, tokenizer, template, count: int = 50, seed: int = EVAL_SEED) -> float:
+    """Percent of fresh scenes whose caption, generated as stage 2 trains it (the image block, a newline),
+    is the scene's caption word for word: whether the frozen LLM reads every thing out of the image tokens."""
+    config = model.config
+    right = 0
+    for i in range(count):
+        things, image = shapes.sample(seed + 500_000 + i)
+        pixels = torch.from_numpy(preprocess_image(image, max_num=config.max_dynamic_patch, image_size=config.image_size))
+        ids = tokenizer.encode(template.image_block(len(pixels)) + "\n", bos=True)
+        new = generate(model, torch.tensor([ids]), pixels, max_new_tokens=48, stop_ids=set(tokenizer.stop_ids))
+        right += tokenizer.decode([t for t in new if t not in tokenizer.stop_ids]).strip() == shapes.caption(things)
+    return 100.0 * right / max(1, count)
+
+
 def runtime_answer(pipe, question: str, image=None, max_new_tokens: int = 8) -> str:
     return pipe.generate(question, image=image, max_new_tokens=max_new_tokens).strip()
 
