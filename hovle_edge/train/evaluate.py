@@ -30,29 +30,37 @@ def text_questions(count: int, seed: int = EVAL_SEED) -> list[tuple[str, str]]:
     return [shapes.text_questions(rng) for _ in range(count)]
 
 
-@torch.no_grad()
-def torch_answer(model, tokenizer, template, question: str, image=None, max_new_tokens: int = 8) -> str:
+def tiles_of(model, image):
+    """The model's input tiles for a picture, or None without one."""
+    if image is None:
+        return None
     config = model.config
-    pixels = None
-    if image is not None:
-        pixels = torch.from_numpy(preprocess_image(image, max_num=config.max_dynamic_patch, image_size=config.image_size))
-    ids = tokenizer.encode(template.prompt(question, tiles=0 if pixels is None else len(pixels)), bos=True)
+    return torch.from_numpy(preprocess_image(image, max_num=config.max_dynamic_patch, image_size=config.image_size))
+
+
+@torch.no_grad()
+def generated_text(model, tokenizer, prompt: str, pixels, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt` (with the tiles in its image block), without the stop tokens."""
+    ids = tokenizer.encode(prompt, bos=True)
     new = generate(model, torch.tensor([ids]), pixels, max_new_tokens=max_new_tokens, stop_ids=set(tokenizer.stop_ids))
     return tokenizer.decode([t for t in new if t not in tokenizer.stop_ids]).strip()
 
 
-@torch.no_grad()
+def torch_answer(model, tokenizer, template, question: str, image=None, max_new_tokens: int = 8) -> str:
+    pixels = tiles_of(model, image)
+    prompt = template.prompt(question, tiles=0 if pixels is None else len(pixels))
+    return generated_text(model, tokenizer, prompt, pixels, max_new_tokens)
+
+
 def caption_exact(model, tokenizer, template, count: int = 50, seed: int = EVAL_SEED) -> float:
     """Percent of fresh scenes whose caption, generated as stage 2 trains it (the image block, a newline),
     is the scene's caption word for word: whether the frozen LLM reads every thing out of the image tokens."""
-    config = model.config
     right = 0
     for i in range(count):
         things, image = shapes.sample(seed + 500_000 + i)
-        pixels = torch.from_numpy(preprocess_image(image, max_num=config.max_dynamic_patch, image_size=config.image_size))
-        ids = tokenizer.encode(template.image_block(len(pixels)) + "\n", bos=True)
-        new = generate(model, torch.tensor([ids]), pixels, max_new_tokens=48, stop_ids=set(tokenizer.stop_ids))
-        right += tokenizer.decode([t for t in new if t not in tokenizer.stop_ids]).strip() == shapes.caption(things)
+        pixels = tiles_of(model, image)
+        prompt = template.image_block(len(pixels)) + "\n"
+        right += generated_text(model, tokenizer, prompt, pixels, max_new_tokens=48) == shapes.caption(things)
     return 100.0 * right / max(1, count)
 
 
