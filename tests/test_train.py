@@ -236,7 +236,7 @@ def test_demo_plan_follows_the_machine(monkeypatch):
     assert demo.DemoPlan.for_this_machine() == demo.DemoPlan()
     monkeypatch.setattr(demo, "native_bf16", lambda device: True)
     plan, base = demo.DemoPlan.for_this_machine(), demo.DemoPlan()
-    assert plan.instruct.steps > base.instruct.steps and plan.chat_records > base.chat_records
+    assert plan.instruct.steps > base.instruct.steps and plan.chat_scenes > base.chat_scenes
     assert plan.align.steps > base.align.steps and plan.caption_records > base.caption_records
 
 
@@ -271,23 +271,32 @@ def test_shapes_world_is_deterministic_and_answers_are_right():
                 assert [t.position for t in things if t.shape == shape] == [answer]
 
 
-def test_captions_follow_reading_order_and_chats_ask_every_question(tmp_path):
-    """A caption is a function of the picture (things in reading order), and a chat record asks every
-    question its scene has, the image only in the first turn."""
+def test_captions_follow_reading_order_and_chats_ask_questions_two_at_a_time(tmp_path):
+    """A caption is a function of the picture (things in reading order). A chat scene's questions go
+    two to a conversation, the image in the first turn, so that both first questions and follow-ups are
+    trained; every tenth scene's place goes to text-only questions."""
     for seed in range(40):
         things, _ = shapes.sample(seed)
         assert [t.position for t in things] == [p for p in shapes.POSITIONS if p in {t.position for t in things}]
     path = shapes.write_dataset(str(tmp_path), "chat", 20, seed=4)
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
+    text_only = [r for r in records if "image" not in r]
+    assert len(text_only) == 2 * shapes.TEXT_RECORDS_PER_SLOT
+    assert not any("<image>" in turn["value"] for r in text_only for turn in r["conversations"])
+    by_image = {}
     for record in filter(lambda r: "image" in r, records):
+        assert (tmp_path / record["image"]).is_file()
         humans = [turn["value"] for turn in record["conversations"] if turn["from"] == "human"]
+        assert 1 <= len(humans) <= 2 and len(record["conversations"]) == 2 * len(humans)
         assert humans[0].startswith("<image>\n") and not any("<image>" in h for h in humans[1:])
-        humans[0] = humans[0].removeprefix("<image>\n")
+        by_image.setdefault(record["image"], []).extend([humans[0].removeprefix("<image>\n")] + humans[1:])
+    assert len(by_image) == 18
+    for asked in by_image.values():
         # how many, a thing's shape and colour, an empty quadrant; and a thing of a unique shape's colour and place
-        unique = sum(h.startswith("where is") for h in humans)
-        assert len(set(humans)) == len(humans) == 4 + 2 * unique and unique <= 1
-        assert sum(h.startswith("what shape is at") for h in humans) == 2
+        unique = sum(q.startswith("where is") for q in asked)
+        assert len(set(asked)) == len(asked) == 4 + 2 * unique and unique <= 1
+        assert sum(q.startswith("what shape is at") for q in asked) == 2
 
 
 def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
@@ -300,6 +309,7 @@ def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
     assert report["questions"] == 20 and report["runtime_equals_pytorch"] == 100.0
     assert {"language_kept", "accuracy_pytorch", "latency_ms", "distill", "teacher_accuracy_on_things", "plan"} <= set(report)
     assert 0 <= report["caption_exact_after_align"] <= 100
+    assert report["follow_ups"] == 10 and 0 <= report["follow_up_accuracy"] <= 100
     assert set(report["seconds_by_step"]) >= {"teacher", "lm", "distill", "align", "instruct", "export"}
     stamp = os.path.getmtime(out / "stage3-instruct" / "model.safetensors")
     again = run_demo(str(out), DemoPlan.quick(), progress=False)

@@ -25,6 +25,25 @@ def scene_questions(count: int, seed: int = EVAL_SEED) -> list[tuple]:
     return items
 
 
+def follow_up_questions(count: int, seed: int = EVAL_SEED + 300_000) -> list[tuple]:
+    """(image, first question, follow-up question, follow-up's answer): two different questions about
+    one fresh scene, the second to be asked in the same conversation after the model answered the first."""
+    items = []
+    for i in range(count):
+        things, image = shapes.sample(seed + i)
+        asked = shapes.questions(things, random.Random(seed + i))
+        (first, _), (second, answer) = random.Random(seed - i).sample(asked, 2)
+        items.append((image, first, second, answer))
+    return items
+
+
+def runtime_follow_up(pipe, first: str, second: str, image, max_new_tokens: int = 8) -> str:
+    """The answer to `second` asked after `first` (with the image) in one runtime conversation."""
+    chat = pipe.conversation()
+    "".join(chat.ask(first, image=image, max_new_tokens=max_new_tokens))
+    return "".join(chat.ask(second, max_new_tokens=max_new_tokens)).strip()
+
+
 def text_questions(count: int, seed: int = EVAL_SEED) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     return [shapes.text_questions(rng) for _ in range(count)]

@@ -138,9 +138,18 @@ def world_tokenizer(vocab_size: int = 768):
     return train_tokenizer(world_texts(), vocab_size)
 
 
+TEXT_RECORDS_PER_SLOT = 5  # in every tenth scene's place: about a sixth of chat records are text-only
+
+
 def write_dataset(directory: str, kind: str, count: int, seed: int) -> str:
-    """Write `count` records of `kind` ("caption" or "chat") as JSONL with PNG images beside it, in the
-    formats the trainers read; returns the JSONL path."""
+    """Write `count` scenes of `kind` as JSONL with PNG images beside it, in the formats the trainers
+    read; returns the JSONL path. "caption": one record per scene. "chat": the scene's questions in
+    shuffled order, two to a conversation (the image in its first turn), and every tenth scene's place
+    taken by text-only questions that keep the language model's answers. Two because the product is
+    asked both ways: with every question of a scene in one conversation, five in six were trained after
+    other turns, and the first question after an image was the weak one (87.5% on fresh scenes); one
+    question per record answered 97-98% first but 46.5% of follow-ups in a chat; two per record
+    answered 95.0% first and 93.5% of follow-ups, in the same time."""
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)
     path = os.path.join(directory, f"{kind}.jsonl")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -148,17 +157,19 @@ def write_dataset(directory: str, kind: str, count: int, seed: int) -> str:
             rng = random.Random(seed * 1_000_003 + i)
             things = scene(rng)
             name = f"images/{kind}-{seed}-{i:06d}.png"
-            if kind == "caption" or i % 10 != 9:
+            text_only = kind == "chat" and i % 10 == 9
+            if not text_only:
                 draw(things, rng).save(os.path.join(directory, name))
             if kind == "caption":
-                record = {"image": name, "text": caption(things)}
-            elif i % 10 == 9:  # some text-only chat keeps the language model's answers
-                record = {"conversations": turns([text_questions(rng)])}
+                records = [{"image": name, "text": caption(things)}]
+            elif text_only:
+                records = [{"conversations": turns([text_questions(rng)])} for _ in range(TEXT_RECORDS_PER_SLOT)]
             else:
                 asked = questions(things, rng)
-                rng.shuffle(asked)  # every question, in an order that teaches no answer from its place
-                asked[0] = ("<image>\n" + asked[0][0], asked[0][1])
-                record = {"image": name, "conversations": turns(asked)}
-            f.write(json.dumps(record) + "\n")
+                rng.shuffle(asked)
+                pairs = [asked[k:k + 2] for k in range(0, len(asked), 2)]
+                records = [{"image": name, "conversations": turns([("<image>\n" + q, a)] + rest)}
+                           for (q, a), *rest in pairs]
+            f.writelines(json.dumps(record) + "\n" for record in records)
     os.replace(path + ".tmp", path)
     return path
