@@ -236,8 +236,7 @@ def test_demo_plan_follows_the_machine(monkeypatch):
     assert demo.DemoPlan.for_this_machine() == demo.DemoPlan()
     monkeypatch.setattr(demo, "native_bf16", lambda device: True)
     plan, base = demo.DemoPlan.for_this_machine(), demo.DemoPlan()
-    assert plan.instruct.steps > base.instruct.steps and plan.chat_scenes > base.chat_scenes
-    assert plan.align.steps > base.align.steps and plan.caption_records > base.caption_records
+    assert plan.instruct.steps > base.instruct.steps and plan.align.steps > base.align.steps
 
 
 def test_schedule():
