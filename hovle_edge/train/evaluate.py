@@ -15,12 +15,18 @@ from hovle_edge.train import shapes
 EVAL_SEED = 10_000_000  # far from every seed used to make training data
 
 
+def fresh_scene(seed: int) -> tuple:
+    """(picture, every question with its answer) of the scene drawn from `seed`."""
+    things, image = shapes.sample(seed)
+    return image, shapes.questions(things, random.Random(seed))
+
+
 def scene_questions(count: int, seed: int = EVAL_SEED) -> list[tuple]:
     """(image, question, answer) on fresh scenes, one question each."""
     items = []
     for i in range(count):
-        things, image = shapes.sample(seed + i)
-        question, answer = random.Random(seed - i).choice(shapes.questions(things, random.Random(seed + i)))
+        image, asked = fresh_scene(seed + i)
+        question, answer = random.Random(seed - i).choice(asked)
         items.append((image, question, answer))
     return items
 
@@ -30,8 +36,7 @@ def follow_up_questions(count: int, seed: int = EVAL_SEED + 300_000) -> list[tup
     one fresh scene, the second to be asked in the same conversation after the model answered the first."""
     items = []
     for i in range(count):
-        things, image = shapes.sample(seed + i)
-        asked = shapes.questions(things, random.Random(seed + i))
+        image, asked = fresh_scene(seed + i)
         (first, _), (second, answer) = random.Random(seed - i).sample(asked, 2)
         items.append((image, first, second, answer))
     return items
@@ -40,7 +45,8 @@ def follow_up_questions(count: int, seed: int = EVAL_SEED + 300_000) -> list[tup
 def runtime_follow_up(pipe, first: str, second: str, image, max_new_tokens: int = 8) -> str:
     """The answer to `second` asked after `first` (with the image) in one runtime conversation."""
     chat = pipe.conversation()
-    "".join(chat.ask(first, image=image, max_new_tokens=max_new_tokens))
+    for _ in chat.ask(first, image=image, max_new_tokens=max_new_tokens):
+        pass  # run the first answer to its end: it stays in the conversation, whatever it says
     return "".join(chat.ask(second, max_new_tokens=max_new_tokens)).strip()
 
 
