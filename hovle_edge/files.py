@@ -9,6 +9,20 @@ import os
 import shutil
 import tempfile
 
+from hovle_edge.errors import ModelFolderError
+
+
+def resolve_inside(directory: str, name: str, what: str) -> str:
+    """The absolute path of `name` inside `directory`; a name that is absolute or leads outside it
+    (through `..` or a symlink) is refused, so a manifest or index cannot make us read elsewhere."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        raise ModelFolderError(f"{what} names {name!r}: expected a relative path inside {directory}")
+    root = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, target]) != root:
+        raise ModelFolderError(f"{what} names {name!r}, which resolves to {target}, outside {root}")
+    return target
+
 
 @contextlib.contextmanager
 def atomic_directory(path: str, overwrite: bool = True):
