@@ -82,6 +82,32 @@ def verify(checkpoint, model_dir, image, prompt, new_tokens):
     sys.exit(0 if report.ok else 1)
 
 
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A float folder made by `hovle-edge export`.")
+@click.option("--out", required=True, type=click.Path(), help="Quantized model folder to write (appears whole or not at all).")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="Input rows per scale (a power of two >= 16 dividing every width).")
+@click.option("--method", type=click.Choice(["rtn", "awq"]), default="rtn", show_default=True,
+              help="rtn: round to nearest; awq: activation-aware scales searched on calibration prompts.")
+@click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A folder with prompts.jsonl (and its images); default: the shapes world.")
+@click.option("--quantize-head", is_flag=True, help="Quantize the output head too (embeddings always stay float).")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: MatMulNBits; tensorrt: DequantizeLinear INT4/INT8 -> MatMul (opset 21).")
+@click.option("--held-out", type=int, default=16, show_default=True, help="Held-out prompts for the agreement check (0: skip).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def quantize(model_dir, out, bits, group_size, method, calibration, quantize_head, target, held_out, overwrite):
+    """Weight-only INT4/INT8 quantization of an exported folder; reports top-1 agreement and mean KL
+    against it on held-out prompts (a quantized folder cannot be bit-exact, so `verify` does not apply)."""
+    from hovle_edge.quantize import QuantizeSettings, quantize_model
+
+    settings = QuantizeSettings(bits=int(bits), group_size=group_size, method=method, target=target,
+                                quantize_head=quantize_head, calibration=calibration, held_out_prompts=held_out)
+    quantize_model(model_dir, out, settings, overwrite=overwrite, log=click.echo)
+    click.echo(f"wrote {out}")
+
+
 def sampling_options(command):
     """The generation options shared by run, chat and profile."""
     options = [
