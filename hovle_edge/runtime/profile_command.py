@@ -17,7 +17,8 @@ def model_numbers(model_dir: str | None, preset: str | None) -> tuple[dict, str,
         from hovle_edge.spec import load_manifest
 
         manifest = load_manifest(model_dir, verify=False)
-        return manifest.model, manifest.precision, model_dir
+        # a quantized folder's roofline counts its quantized weight bytes (run_profile passes them on)
+        return {**manifest.model, "quantization": manifest.data.get("quantization")}, manifest.precision, model_dir
     if preset:
         from hovle_edge.config import preset as config_preset
         from hovle_edge.spec import model_section
@@ -53,7 +54,7 @@ def run_profile(model_dir=None, backend="onnxruntime", device="cpu", threads=Non
                 roofline_only=False, device_model=None, preset=None, contexts=(128, 512, 2048)) -> str:
     """Returns the text to print."""
     numbers, precision, name = model_numbers(model_dir, preset)
-    cost = roofline.decode_cost(numbers, precision)
+    cost = roofline.decode_cost(numbers, precision, numbers.get("quantization"))
     devices = devices_for(device_model)
     if roofline_only:
         rows = roofline.roofline_table(cost, list(contexts), devices)

@@ -41,15 +41,21 @@ class DecodeCost:
         return bandwidth_gbs * 1e9 / self.bytes_per_step(context)
 
 
-def decode_cost(model: dict, precision: str) -> DecodeCost:
-    """From a manifest's "model" section (spec.model_section) and its precision."""
+def decode_cost(model: dict, precision: str, quantization: dict | None = None) -> DecodeCost:
+    """From a manifest's "model" section (spec.model_section), its precision, and its "quantization"
+    section when `hovle-edge quantize` made it (linear weights then cost bits/8 bytes plus one scale
+    per group; norms, the embedding row and, unless quantized too, the head stay in `precision`)."""
     size = DTYPE_BYTES[precision]
     hidden, vocab = model["hidden"], model["vocab"]
     stacks = model["stacks"].values()
-    weights = sum(s["layers"] * layer_parameters(s, hidden) for s in stacks)
-    weights += hidden + vocab * hidden + hidden  # one word-embedding row, the output head, the final norm
+    linear = size if not quantization else quantization["bits"] / 8 + size / quantization["group_size"]
+    head = linear if quantization and quantization["quantized_head"] else size
+    norms = sum(s["layers"] * 2 * hidden for s in stacks)
+    linears = sum(s["layers"] * layer_parameters(s, hidden) for s in stacks) - norms
+    weights = linears * linear + (norms + hidden + hidden) * size  # + one word-embedding row, the final norm
+    weights += vocab * hidden * head  # the output head
     kv = sum(2 * s["layers"] * s["kv_heads"] * s["head_dim"] for s in stacks)
-    return DecodeCost(weights * size, kv * size)
+    return DecodeCost(round(weights), kv * size)
 
 
 def host_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
