@@ -23,3 +23,12 @@ class ModelFolderError(HoVLEError):
 
 class ExportError(HoVLEError):
     """An export whose graph failed a check (ops, parity, shapes)."""
+
+
+class EngineBuildError(HoVLEError):
+    """A TensorRT engine that cannot be built: a graph the parser refuses, a target GPU the builder
+    cannot compile for, a build that fails. `setting` names the build setting at fault, if one is."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
