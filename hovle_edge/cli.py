@@ -372,3 +372,33 @@ def build(model_dir, out, precision, max_context, max_prompt, max_tiles, max_bat
 
 if __name__ == "__main__":  # for `torchrun -m hovle_edge.cli ...`
     main()
+@main.command()
+@backend_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback by default; 0.0.0.0 serves the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1/* (default: none).")
+@click.option("--model-name", default=None, help="The model id clients send (default: the model folder's name).")
+@click.option("--allow-local-images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Also accept image URLs that are file paths inside this folder (default: data: URLs only).")
+@click.option("--slots", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Conversations decoded in turn; further requests wait in the queue.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Waiting requests beyond this get 503.")
+@click.option("--cache-mb", type=click.FloatRange(min=0), default=256, show_default=True,
+              help="Memory for KV snapshots of earlier prompts (the prefix cache); 0 turns it off.")
+@click.option("--image-cache-mb", type=click.FloatRange(min=0), default=64, show_default=True,
+              help="Memory for vision outputs by image hash.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True)
+@click.option("--max-image-mb", type=click.FloatRange(min=0, min_open=True), default=10, show_default=True)
+def serve(model_dir, backend, device, threads, host, port, api_key, model_name, allow_local_images, slots, max_queue,
+          cache_mb, image_cache_mb, max_body_mb, max_image_mb):
+    """Serve the model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models,
+    GET /health); needs the [serve] extra."""
+    from hovle_edge.serve import ServeSettings, serve as run_server
+
+    run_server(ServeSettings(model_dir=model_dir, host=host, port=port, api_key=api_key, model_name=model_name,
+                             backend=backend, device=device, threads=threads, allow_local_images=allow_local_images,
+                             slots=slots, max_queue=max_queue, cache_mb=cache_mb, image_cache_mb=image_cache_mb,
+                             max_body_mb=max_body_mb, max_image_mb=max_image_mb))
+
+
