@@ -370,8 +370,6 @@ def build(model_dir, out, precision, max_context, max_prompt, max_tiles, max_bat
     click.echo(f"wrote {out} ({record['flavour']} {record['tensorrt_version']}, {record['gpu']}, sm {record['compute_capability']})")
 
 
-if __name__ == "__main__":  # for `torchrun -m hovle_edge.cli ...`
-    main()
 @main.command()
 @backend_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback by default; 0.0.0.0 serves the network.")
@@ -402,3 +400,5 @@ def serve(model_dir, backend, device, threads, host, port, api_key, model_name, 
                              max_body_mb=max_body_mb, max_image_mb=max_image_mb))
 
 
+if __name__ == "__main__":  # for `torchrun -m hovle_edge.cli ...`
+    main()
