@@ -18,7 +18,9 @@ setup(
         "export": ["torch", "onnx", "onnxscript", "safetensors"],
         "train": ["torch", "safetensors"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "transformers", "sentencepiece", "mistral-common", "matplotlib"],
+        "serve": ["starlette", "uvicorn"],
+        "test": ["pytest", "transformers", "sentencepiece", "mistral-common", "matplotlib", "openai", "starlette",
+                 "uvicorn"],
     },
     entry_points={"console_scripts": ["hovle-edge=hovle_edge.cli:main"]},
 )
