@@ -66,6 +66,10 @@ def build_engines(model_dir: str, out: str, precision: str = "fp16", max_context
                   overwrite: bool = False, log=print) -> dict:
     """Build (or take from the engine cache) every graph's engine into `out`; returns engines.json."""
     manifest = load_manifest(model_dir)
+    if manifest.data.get("target") == "onnxruntime":  # its graphs hold ORT contrib ops, which TensorRT never parses
+        from hovle_edge.errors import EngineBuildError
+        raise EngineBuildError(f"{model_dir} was exported for ONNX Runtime (--target onnxruntime), whose fused ops "
+                               "TensorRT does not parse: export it again with --target tensorrt to build engines")
     if manifest.precision == "fp32" and precision == "fp16":
         log("note: an fp32 export; strongly typed TensorRT builds keep it fp32 (export with --dtype fp16 for fp16)")
     flavour = pick_flavour(flavour)
