@@ -18,6 +18,8 @@ setup(
         "export": ["torch", "onnx", "onnxscript", "safetensors"],
         "train": ["torch", "safetensors"],
         "plot": ["matplotlib"],
+        # benchmarks/peer_cpu.py: onnxruntime-genai and its model builder as the peer (never the runtime's)
+        "bench": ["onnxruntime-genai", "transformers", "torch"],
         "serve": ["starlette", "uvicorn"],
         "test": ["pytest", "transformers", "sentencepiece", "mistral-common", "matplotlib", "openai", "starlette",
                  "uvicorn"],
