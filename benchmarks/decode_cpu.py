@@ -26,8 +26,8 @@ from hovle_edge.runtime import Pipeline  # noqa: E402
 
 
 def runtime_step_ms(pipe: Pipeline, ids: list[int], steps: int) -> float:
-    pipe.conversation().ask_ids(ids, stop_ids=(), max_new_tokens=steps + 1)
-    return 1000 * statistics.median(pipe.timings.steps)
+    _, timings = pipe.generate_ids(pipe.new_cache(), ids, stop_ids=(), max_new_tokens=steps + 1)
+    return 1000 * statistics.median(timings.steps)
 
 
 @torch.no_grad()

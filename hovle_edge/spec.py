@@ -1,6 +1,14 @@
 """The graph contract between export, engines and runtime: tensor names, dtypes, named dims, and the
 manifest that describes an exported model folder. The runtime derives everything from the manifest.
-Torch-free."""
+Torch-free.
+
+KV caches (manifest version 2) are buffers of a fixed capacity, allocated once per conversation and
+filled slot by slot: `past_key_values.{i}.key|value [batch, kv_heads, kv_capacity, head_dim]`, and
+`attention_mask [batch, total_sequence]` covering the T slots in use after the call, of which the
+call's S tokens are the last (slots T-S..T-1). Query s sees key slot j when j <= T-S+s and the mask
+holds 1 there. No shape ties the past to the total, so TensorRT profiles are independent boxes; a
+decode step copies nothing but its new rows; and the in-place form (IN_PLACE) is what ONNX Runtime's
+GroupQueryAttention does with a shared past/present buffer."""
 
 from __future__ import annotations
 
@@ -14,11 +22,18 @@ from hovle_edge.files import read_json, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "hovle-edge/onnx"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: fixed-capacity KV caches (1 concatenated past and new into a longer present)
 GRAPHS = ("vision", "embedding", "decoder")
-# Named dims. total_sequence is past_sequence + sequence (the attention mask covers both).
-BATCH, SEQUENCE, PAST, TOTAL, TILES, IMAGE_ROWS = ("batch", "sequence", "past_sequence", "total_sequence",
-                                                   "tiles", "image_rows")
+# Named dims. A KV cache is a buffer of kv_capacity slots; total_sequence T counts the slots in use
+# after this call (the attention mask covers them), so this call's S tokens sit at slots T-S..T-1.
+BATCH, SEQUENCE, TOTAL, CAPACITY, TILES, IMAGE_ROWS = ("batch", "sequence", "total_sequence", "kv_capacity",
+                                                       "tiles", "image_rows")
+# What a graph's present.{i}.key|value hold (the manifest's kv.present). new_rows: only this call's
+# rows [B, kvh, S, d], which the runtime writes into its buffers (standard ops, what TensorRT
+# parses). in_place: the whole buffer [B, kvh, C, d], bound to the same memory as the past, written
+# by the graph itself (ONNX Runtime's GroupQueryAttention with a shared past/present buffer).
+NEW_ROWS, IN_PLACE = "new_rows", "in_place"
+KV_PRESENT_MODES = (NEW_ROWS, IN_PLACE)
 
 
 @dataclass(frozen=True)
@@ -43,10 +58,11 @@ def present_names(layers: int) -> list[str]:
     return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
-def cache_specs(layers: int, kv_heads: int, head_dim: int, dtype: str) -> tuple[list, list]:
-    past = [TensorSpec(n, dtype, (BATCH, kv_heads, PAST, head_dim)) for n in past_names(layers)]
-    present = [TensorSpec(n, dtype, (BATCH, kv_heads, TOTAL, head_dim)) for n in present_names(layers)]
-    return past, present
+def cache_specs(layers: int, kv_heads: int, head_dim: int, dtype: str, present: str = NEW_ROWS) -> tuple[list, list]:
+    present_rows = SEQUENCE if present == NEW_ROWS else CAPACITY
+    pasts = [TensorSpec(n, dtype, (BATCH, kv_heads, CAPACITY, head_dim)) for n in past_names(layers)]
+    presents = [TensorSpec(n, dtype, (BATCH, kv_heads, present_rows, head_dim)) for n in present_names(layers)]
+    return pasts, presents
 
 
 def vision_io(image_size: int, tokens_per_tile: int, hidden: int, dtype: str):
@@ -55,8 +71,8 @@ def vision_io(image_size: int, tokens_per_tile: int, hidden: int, dtype: str):
     return inputs, outputs
 
 
-def embedding_io(layers: int, kv_heads: int, head_dim: int, hidden: int, dtype: str):
-    past, present = cache_specs(layers, kv_heads, head_dim, dtype)
+def embedding_io(layers: int, kv_heads: int, head_dim: int, hidden: int, dtype: str, present_mode: str = NEW_ROWS):
+    past, present = cache_specs(layers, kv_heads, head_dim, dtype, present_mode)
     inputs = [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
               TensorSpec("image_embeds", dtype, (IMAGE_ROWS, hidden)),
               TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
@@ -65,8 +81,9 @@ def embedding_io(layers: int, kv_heads: int, head_dim: int, hidden: int, dtype: 
     return inputs, outputs
 
 
-def decoder_io(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, dtype: str):
-    past, present = cache_specs(layers, kv_heads, head_dim, dtype)
+def decoder_io(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, dtype: str,
+               present_mode: str = NEW_ROWS):
+    past, present = cache_specs(layers, kv_heads, head_dim, dtype, present_mode)
     inputs = [TensorSpec("inputs_embeds", dtype, (BATCH, SEQUENCE, hidden)),
               TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
               TensorSpec("attention_mask", "int64", (BATCH, TOTAL))] + past
@@ -118,6 +135,11 @@ class Manifest:
     @property
     def kv_dtype(self) -> str:
         return "float16" if self.precision == "fp16" else "float32"
+
+    @property
+    def kv_present(self) -> str:
+        """new_rows or in_place: see KV_PRESENT_MODES."""
+        return self.data["kv"]["present"]
 
     @property
     def max_context(self) -> int:

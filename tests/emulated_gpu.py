@@ -57,7 +57,8 @@ def cuda_runtime(memory: Memory, name: str = "Emulated GPU", capability: tuple[i
     ok = 0
     rt = types.ModuleType("cuda.bindings.runtime")
     rt.cudaError_t = types.SimpleNamespace(cudaSuccess=ok)
-    rt.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice="h2d", cudaMemcpyDeviceToHost="d2h")
+    rt.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice="h2d", cudaMemcpyDeviceToHost="d2h",
+                                              cudaMemcpyDeviceToDevice="d2d")
 
     def memcpy(destination, source, nbytes, kind, stream):
         if kind == "h2d":
@@ -69,6 +70,23 @@ def cuda_runtime(memory: Memory, name: str = "Emulated GPU", capability: tuple[i
         ctypes.memmove(destination, source, nbytes)
         return (ok,)
 
+    def memcpy_2d(destination, destination_pitch, source, source_pitch, width, height, kind, stream):
+        """Rows of `width` bytes, `height` of them, each at its pitch on either side."""
+        assert width <= destination_pitch and width <= source_pitch, "a row wider than its pitch"
+        for row in range(height):
+            to, come = destination + row * destination_pitch, source + row * source_pitch
+            if kind != "h2d":
+                memory.region(come, width)
+            if kind != "d2h":
+                memory.region(to, width)
+            ctypes.memmove(to, come, width)
+        if kind == "d2h":
+            memory.to_host.append(width * height)
+        elif kind == "h2d":
+            memory.to_device.append(width * height)
+        return (ok,)
+
+    rt.cudaMemcpy2DAsync = memcpy_2d
     rt.cudaMalloc = lambda nbytes: (ok, memory.allocate(nbytes))
     rt.cudaFree = lambda pointer: (ok,) if memory.buffers.pop(pointer, None) is not None else ("cudaErrorInvalidValue",)
     rt.cudaMemcpyAsync = memcpy

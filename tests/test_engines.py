@@ -10,7 +10,7 @@ import pytest
 
 from hovle_edge.engines import flavours
 from hovle_edge.engines.cache import cache_key, check_compatible, read_engines
-from hovle_edge.engines.profiles import choose_profile, graph_profiles, limits_for
+from hovle_edge.engines.profiles import limits_for
 from hovle_edge.errors import InputError, ModelFolderError
 from hovle_edge.runtime.backends import BackendError
 from hovle_edge.spec import load_manifest
@@ -19,40 +19,6 @@ from hovle_edge.spec import load_manifest
 @pytest.fixture(scope="module")
 def manifest(tiny_export):
     return load_manifest(str(tiny_export))
-
-
-def test_profiles_come_from_the_manifest(manifest):
-    limits = limits_for(manifest, max_context=256, max_prompt=100)
-    assert (limits.max_tiles, limits.max_context) == (7, 256)  # 6 tiles and the thumbnail
-    vision = graph_profiles("vision", manifest, limits)
-    assert [p.name for p in vision] == ["tiles"] and vision[0].dims == {"tiles": (1, 4, 7)}
-    prefill, decode, extend = graph_profiles("decoder", manifest, limits)
-    assert prefill.dims["past_sequence"] == (0, 0, 0) and prefill.dims["sequence"] == (1, 50, 100)
-    assert decode.dims["sequence"] == (1, 1, 1) and decode.dims["past_sequence"] == (1, 128, 255)
-    assert decode.dims["total_sequence"] == (2, 129, 256)
-    assert extend.dims["sequence"] == (2, 51, 100) and extend.dims["past_sequence"] == (1, 127, 254)
-    assert "image_rows" not in decoder_dims(prefill)
-    inputs, _ = manifest.graph_io("embedding")
-    embedding_prefill = graph_profiles("embedding", manifest, limits)[0]
-    assert embedding_prefill.dims["image_rows"] == (1, 28, 28)  # 7 tiles x 4 tokens
-    shapes = embedding_prefill.shapes(inputs)
-    assert shapes["past_key_values.1.value"] == ((1, 2, 0, 16), (1, 2, 0, 16), (1, 2, 0, 16))
-    assert shapes["input_ids"] == ((1, 1), (1, 50), (1, 100))
-    assert shapes["image_embeds"] == ((1, 64), (28, 64), (28, 64))
-
-
-def decoder_dims(profile):
-    return set(profile.dims)
-
-
-def test_runtime_picks_the_profile(manifest):
-    profiles = graph_profiles("decoder", manifest, limits_for(manifest, max_context=256))
-    assert choose_profile(profiles, {"sequence": 40, "past_sequence": 0, "batch": 1}) == 0
-    assert choose_profile(profiles, {"sequence": 1, "past_sequence": 0, "batch": 1}) == 0  # a one-token prompt
-    assert choose_profile(profiles, {"sequence": 1, "past_sequence": 90, "batch": 1}) == 1
-    assert choose_profile(profiles, {"sequence": 3, "past_sequence": 9, "batch": 1}) == 2  # a conversation's next turn
-    with pytest.raises(InputError, match="no optimization profile takes"):
-        choose_profile(profiles, {"sequence": 1, "past_sequence": 256, "batch": 1})  # past the context
 
 
 def test_limits_beyond_the_export_are_refused(manifest):
@@ -162,10 +128,12 @@ def test_builder_and_backend_on_an_emulated_gpu(tiny_export, tmp_path, monkeypat
 
     memory, ran = install(monkeypatch)
     said = []
-    options = dict(precision="fp32", max_context=256, cache_dir=str(tmp_path / "cache"), log=said.append)
+    # The first prompts take 205 tokens: a next turn ends past the longest prompt, in the extend profile.
+    options = dict(precision="fp32", max_context=256, max_prompt=220, cache_dir=str(tmp_path / "cache"),
+                   log=said.append)
     record = build_engines(str(tiny_export), str(tmp_path / "engines"), timing_cache=str(tmp_path / "timing"), **options)
     assert (record["flavour"], record["gpu"], record["compute_capability"]) == ("tensorrt-rtx", "Emulated GPU", "8.9")
-    assert [p["name"] for p in record["engines"]["decoder"]["profiles"]] == ["prefill", "decode", "extend"]
+    assert [p["name"] for p in record["engines"]["decoder"]["profiles"]] == ["decode", "prefill", "extend"]
     assert (tmp_path / "timing").read_bytes() == b"emulated timing cache"
     said.clear()
     build_engines(str(tiny_export), str(tmp_path / "again"), **options)
@@ -174,13 +142,16 @@ def test_builder_and_backend_on_an_emulated_gpu(tiny_export, tmp_path, monkeypat
     image = Image.new("RGB", (150, 70), "red")
     with Pipeline.from_dir(str(tiny_export)) as cpu, Pipeline.from_dir(str(tmp_path / "engines"), backend="tensorrt",
                                                                        device="cuda") as gpu:
+        chat = gpu.conversation()  # its KV buffers are allocated here, at its capacity
         allocated = memory.allocations
         memory.to_host.clear()
-        assert gpu.generate("what colour?", image=image, max_new_tokens=12) == cpu.generate("what colour?", image=image,
-                                                                                          max_new_tokens=12)
-        assert memory.allocations == allocated  # every buffer was allocated when the engines were loaded
+        assert "".join(chat.ask("what colour?", image=image, max_new_tokens=12)) == \
+            cpu.generate("what colour?", image=image, max_new_tokens=12)
+        assert memory.allocations == allocated  # nothing allocated per step
         # To the host: the vision graph's image tokens once, then only one row of logits per step.
         assert set(memory.to_host[1:]) == {4 * gpu.manifest.model["vocab"]}, memory.to_host
+        del chat
+        assert not gpu.backend.kv_allocations  # a finished conversation's caches are freed
         ran.clear()
         turns = [("what shape?", image), ("and its colour?", None)]
         on_gpu, on_cpu = gpu.conversation(), cpu.conversation()
@@ -188,4 +159,4 @@ def test_builder_and_backend_on_an_emulated_gpu(tiny_export, tmp_path, monkeypat
             assert "".join(on_gpu.ask(question, image=picture, max_new_tokens=8)) == \
                 "".join(on_cpu.ask(question, image=picture, max_new_tokens=8))
     profiles = {index for graph, index in ran if graph == "decoder.onnx"}
-    assert profiles == {0, 1, 2}  # prefill, decode steps, and the second turn's extend
+    assert profiles == {0, 1, 2}  # decode steps, prefill, and the second turn's extend

@@ -42,8 +42,8 @@ def test_graph_io_names_and_named_dims(tiny_export):
     outputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.output}
     assert list(inputs)[:4] == ["input_ids", "image_embeds", "position_ids", "attention_mask"]
     assert list(inputs)[4:] == past_names(2) and list(outputs)[1:] == present_names(2)
-    assert inputs["past_key_values.0.key"] == ["batch", 2, "past_sequence", 16]
-    assert outputs["present.1.value"] == ["batch", 2, "total_sequence", 16]
+    assert inputs["past_key_values.0.key"] == ["batch", 2, "kv_capacity", 16]
+    assert outputs["present.1.value"] == ["batch", 2, "sequence", 16]
     assert inputs["attention_mask"] == ["batch", "total_sequence"]
     decoder = onnx.load(str(tiny_export / "decoder.onnx"), load_external_data=False)
     logits = decoder.graph.output[0]

@@ -1,16 +1,16 @@
 """TensorRT optimization profiles as plain data, derived from a model folder's manifest: for the
-embedding and decoder graphs a prefill profile (past 0, sequence 1..max prompt), a decode profile
-(sequence 1, past 1..max context - 1) and an extend profile (sequence 2..max prompt after a past: a
-conversation's next turn, which runs only its own tokens); for the vision graph tiles 1..max tiles.
-The three never overlap, so exactly one takes any step. Nothing here imports TensorRT, so it is
-tested everywhere."""
+embedding and decoder graphs a decode profile (one token at any total length), a prefill profile
+(a prompt of 2..max prompt tokens into an empty cache) and an extend profile (2..max prompt tokens
+after a past: a conversation's next turn, which runs only its own tokens); for the vision graph
+tiles 1..max tiles. Nothing here imports TensorRT, so it is tested everywhere; the real builder
+(tests/test_engines_rtx.py) proves the points consistent."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from hovle_edge.errors import InputError
-from hovle_edge.spec import BATCH, IMAGE_ROWS, PAST, SEQUENCE, TILES, TOTAL, Manifest
+from hovle_edge.spec import BATCH, CAPACITY, IMAGE_ROWS, SEQUENCE, TILES, TOTAL, Manifest
 
 
 @dataclass(frozen=True)
@@ -61,23 +61,28 @@ def mid(low: int, high: int) -> int:
 
 
 def graph_profiles(graph: str, manifest: Manifest, limits: Limits) -> list[Profile]:
-    """The profiles the engine of `graph` is built with, in the order the runtime selects them."""
+    """The profiles the engine of `graph` is built with, in the order the runtime selects them.
+
+    With fixed-capacity caches the only relation between dims is T >= S (a call's tokens are among
+    the slots in use), so every min, opt and max point below keeps it, and the three profiles
+    together take every (T, S) with 1 <= S <= max prompt and S <= T <= max context: decode is S = 1
+    at any T, prefill is T = S (nothing cached yet), and extend is a next turn of S >= 2 tokens
+    after a past."""
     b = (1, 1, limits.max_batch)
     if graph == "vision":
         return [Profile("tiles", {TILES: (1, mid(1, limits.max_tiles), limits.max_tiles)})]
     image_rows = limits.max_tiles * manifest.model["tokens_per_tile"]
-    prompt = limits.max_prompt
-    prefill = {BATCH: b, SEQUENCE: (1, mid(1, prompt), prompt), PAST: (0, 0, 0), TOTAL: (1, mid(1, prompt), prompt),
-               IMAGE_ROWS: (1, image_rows, image_rows)}
-    last = limits.max_context - 1
-    decode = {BATCH: b, SEQUENCE: (1, 1, 1), PAST: (1, mid(1, last), last), TOTAL: (2, mid(1, last) + 1, last + 1),
+    prompt, context = limits.max_prompt, limits.max_context
+    capacity = (1, context, context)
+    decode = {BATCH: b, SEQUENCE: (1, 1, 1), TOTAL: (1, mid(1, context), context), CAPACITY: capacity,
               IMAGE_ROWS: (1, 1, 1)}
-    turn = min(prompt, last)
-    extend = {BATCH: b, SEQUENCE: (2, mid(2, turn), max(2, turn)), PAST: (1, mid(1, last - 2), max(1, last - 1)),
-              TOTAL: (3, mid(3, limits.max_context), limits.max_context), IMAGE_ROWS: (1, image_rows, image_rows)}
+    prefill = {BATCH: b, SEQUENCE: (2, mid(2, prompt), prompt), TOTAL: (2, mid(2, prompt), prompt),
+               CAPACITY: capacity, IMAGE_ROWS: (1, image_rows, image_rows)}
+    extend = {BATCH: b, SEQUENCE: (2, mid(2, prompt), prompt), TOTAL: (3, mid(mid(2, prompt) + 1, context), context),
+              CAPACITY: capacity, IMAGE_ROWS: (1, image_rows, image_rows)}
     used = {d for spec in manifest.graph_io(graph)[0] for d in spec.dims if isinstance(d, str)}
     return [Profile(name, {k: v for k, v in dims.items() if k in used})
-            for name, dims in (("prefill", prefill), ("decode", decode), ("extend", extend))]
+            for name, dims in (("decode", decode), ("prefill", prefill), ("extend", extend))]
 
 
 def choose_profile(profiles: list[Profile], dims: dict) -> int:

@@ -96,6 +96,7 @@ def build_manifest(config, tokenizer: Tokenizer, graphs: dict, precision: str, o
         "precision": precision,
         "opset": opset,
         "max_context": max_context,
+        "kv": {"layout": "capacity", "present": spec.NEW_ROWS},
         "model": spec.model_section(config),
         "tokens": {
             "img_context": emb.img_context_token_id, "img_start": tokenizer.token_id(IMG_START),

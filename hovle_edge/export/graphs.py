@@ -1,5 +1,8 @@
 """The three graphs of the contract as small torch modules over the reference model, each declared
-as data (a GraphSpec: module, tensor specs, example sizes) so that one export function serves all."""
+as data (a GraphSpec: module, tensor specs, example sizes) so that one export function serves all.
+These are the portable graphs (standard ops; the `tensorrt` target): their caches are fixed-capacity
+buffers of which the graph reads the slots in use, and their presents are only the new rows, which
+the runtime writes into its buffers (spec.NEW_ROWS)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from hovle_edge.model import HoVLE
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 # Example sizes for tracing: all >= 2 and distinct, so that no dim is specialized or confused.
-EXAMPLE_DIMS = {spec.BATCH: 2, spec.SEQUENCE: 5, spec.PAST: 3, spec.TOTAL: 8, spec.TILES: 2, spec.IMAGE_ROWS: 6}
+EXAMPLE_DIMS = {spec.BATCH: 2, spec.SEQUENCE: 5, spec.TOTAL: 8, spec.CAPACITY: 11, spec.TILES: 2, spec.IMAGE_ROWS: 6}
 
 
 class VisionGraph(nn.Module):
@@ -25,12 +28,15 @@ class VisionGraph(nn.Module):
         return self.embedding.image_embeds(pixel_values)
 
 
-def _pairs(flat):
-    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+def _cached_pairs(flat, attention_mask, new_tokens: int):
+    """The slots in use before this call, (key, value) per layer: the first T - S of each buffer."""
+    used = attention_mask.shape[1] - new_tokens
+    return [(flat[i][:, :, :used], flat[i + 1][:, :, :used]) for i in range(0, len(flat), 2)]
 
 
-def _flat(presents):
-    return [t for kv in presents for t in kv]
+def _new_rows(presents, new_tokens: int):
+    """This call's rows of every layer's key and value, flattened as the contract lists them."""
+    return [t[:, :, t.shape[2] - new_tokens:] for kv in presents for t in kv]
 
 
 class EmbeddingGraph(nn.Module):
@@ -39,8 +45,10 @@ class EmbeddingGraph(nn.Module):
         self.embedding = model.embedding_model
 
     def forward(self, input_ids, image_embeds, position_ids, attention_mask, *past):
-        embeds, presents = self.embedding(input_ids, image_embeds, position_ids, attention_mask, _pairs(past))
-        return (embeds, *_flat(presents))
+        new = input_ids.shape[1]
+        past = _cached_pairs(past, attention_mask, new)
+        embeds, presents = self.embedding(input_ids, image_embeds, position_ids, attention_mask, past)
+        return (embeds, *_new_rows(presents, new))
 
 
 class DecoderGraph(nn.Module):
@@ -51,9 +59,11 @@ class DecoderGraph(nn.Module):
         self.llm = model.language_model
 
     def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-        hidden, presents = self.llm.hidden_states(inputs_embeds, position_ids, attention_mask, _pairs(past))
+        new = inputs_embeds.shape[1]
+        past = _cached_pairs(past, attention_mask, new)
+        hidden, presents = self.llm.hidden_states(inputs_embeds, position_ids, attention_mask, past)
         logits = self.llm.output(hidden[:, -1:]).float()
-        return (logits, *_flat(presents))
+        return (logits, *_new_rows(presents, new))
 
 
 @dataclass

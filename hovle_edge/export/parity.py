@@ -1,6 +1,6 @@
-"""Each exported graph against the PyTorch module it came from, on ONNX Runtime (CPU): prefill from an
+"""Each exported graph against the PyTorch module it came from, on ONNX Runtime (CPU): prefill into an
 empty cache with batch 2 and left padding (different real lengths, handled by the mask), then a
-decode step on the cache that prefill returned."""
+decode step on the cache that prefill wrote."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from hovle_edge.export.graphs import GraphSpec
+from hovle_edge.spec import CAPACITY
 
 # Largest max-abs error accepted per output, by precision, for outputs of magnitude up to 1 (scaled
 # by the largest magnitude above that). fp16 is measured against the fp32 reference, so it carries
@@ -45,7 +46,8 @@ def compare(name: str, case: str, expected, got) -> ParityRow:
 
 def run_case(graph: GraphSpec, session, case: str, inputs: tuple, reference=None) -> tuple[list[ParityRow], tuple]:
     """Run one case on both sides; `reference` is the torch module that defines the truth
-    (by default the graph's own module, or the fp32 module for an fp16 graph)."""
+    (by default the graph's own module, or the fp32 module for an fp16 graph). Presents are compared
+    on this call's rows: a graph that writes its buffer in place returns the whole buffer."""
     module = reference or graph.module
     with torch.no_grad():
         cast = tuple(x.float() if reference is not None and x.is_floating_point() else x for x in inputs)
@@ -55,14 +57,27 @@ def run_case(graph: GraphSpec, session, case: str, inputs: tuple, reference=None
     got = session.run([spec.name for spec in graph.outputs], feeds)
     rows = []
     for spec, e, g in zip(graph.outputs, expected, got):
+        if spec.name.startswith("present.") and spec.dims[2] == CAPACITY:
+            total, new = cache_window(graph, inputs)
+            g = g[:, :, total - new:total]
         row = compare(graph.name, case, e, g)
         row.output = row.output or spec.name
         rows.append(row)
     return rows, expected
 
 
+def cache_window(graph: GraphSpec, inputs: tuple) -> tuple[int, int]:
+    """(T, S): the slots in use after this call and the tokens it adds."""
+    total = inputs[graph_index(graph, "attention_mask")].shape[1]
+    return total, inputs[0].shape[1]
+
+
+CAPACITY_SLOTS = 10  # cache buffers in the cases: more slots than prefill and decode fill
+
+
 def cases(graph: GraphSpec, config, dtype) -> list[tuple[str, tuple]]:
-    """(case name, inputs) for prefill; the decode inputs are built from prefill's presents."""
+    """(case name, inputs) for prefill; the decode inputs are built from prefill's presents. The cache
+    buffers start as noise: slots not yet written must not matter."""
     generator = torch.Generator().manual_seed(0)
     emb = config.embedding_config
     if graph.name == "vision":
@@ -72,7 +87,8 @@ def cases(graph: GraphSpec, config, dtype) -> list[tuple[str, tuple]]:
     mask = torch.ones(B, S, dtype=torch.long)
     mask[1, :2] = 0  # row 1 is 2 tokens shorter: left padding
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    past = [torch.zeros(B, s.dims[1], 0, s.dims[3], dtype=dtype) for s in past_specs(graph)]
+    past = [torch.randn(B, s.dims[1], CAPACITY_SLOTS, s.dims[3], generator=generator).to(dtype)
+            for s in past_specs(graph)]
     if graph.name == "embedding":
         ids = torch.randint(20, emb.llm_vocab_size, (B, S), generator=generator)
         ids[0, 1:3] = ids[1, 3:5] = emb.img_context_token_id
@@ -86,18 +102,25 @@ def past_specs(graph: GraphSpec):
     return [s for s in graph.inputs if s.name.startswith("past_key_values.")]
 
 
-def decode_inputs(graph: GraphSpec, prefill_inputs: tuple, presents: tuple, config, dtype) -> tuple:
-    """One new token after prefill: mask and positions extended, presents fed back as past."""
+def decode_inputs(graph: GraphSpec, prefill_inputs: tuple, new_rows: tuple, config, dtype) -> tuple:
+    """One new token after prefill: prefill's rows written into the buffers at their slots (what the
+    runtime does), mask and positions extended."""
     generator = torch.Generator().manual_seed(1)
+    total, new = cache_window(graph, prefill_inputs)
     mask = torch.cat((prefill_inputs[graph_index(graph, "attention_mask")], torch.ones(2, 1, dtype=torch.long)), 1)
     positions = mask.sum(-1, keepdim=True) - 1
-    presents = tuple(p.to(dtype) for p in presents)
+    first_past = len(prefill_inputs) - len(new_rows)
+    buffers = []
+    for buffer, rows in zip(prefill_inputs[first_past:], new_rows):
+        buffer = buffer.clone()
+        buffer[:, :, total - new:total] = rows.to(dtype)
+        buffers.append(buffer)
     if graph.name == "embedding":
         ids = torch.randint(20, config.llm_config.vocab_size, (2, 1), generator=generator)
         dummy = torch.zeros(1, config.embedding_config.hidden_size, dtype=dtype)
-        return (ids, dummy, positions, mask, *presents)
+        return (ids, dummy, positions, mask, *buffers)
     embeds = torch.randn(2, 1, config.llm_config.hidden_size, generator=generator).to(dtype)
-    return (embeds, positions, mask, *presents)
+    return (embeds, positions, mask, *buffers)
 
 
 def graph_index(graph: GraphSpec, name: str) -> int:

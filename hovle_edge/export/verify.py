@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from hovle_edge.export.graphs import graph_specs
 from hovle_edge.export.parity import TOLERANCE, ParityRow, check_graph, compare
 from hovle_edge.model import HoVLE, generate
-from hovle_edge.runtime import Pipeline, Timings
+from hovle_edge.runtime import Pipeline
 from hovle_edge.spec import load_manifest
 
 
@@ -74,9 +74,9 @@ def verify_model(checkpoint: str, model_dir: str, image=None, prompt: str = "Wha
         report.rows.append(named(compare("vision", "real", expected.flatten(0, 1), embeds), "image_embeds"))
         with torch.no_grad():
             logits = reference(torch.tensor([ids]), pixel_values=torch.from_numpy(pixels)).logits[0, -1]
-        prefill = pipe.forward(pipe.conversation().cache, ids, embeds, Timings(), prefill=True)
+        prefill = pipe.prefill(pipe.new_cache(), ids, embeds)
         report.rows.append(named(compare("end2end", "real", logits, prefill), "logits"))
-        report.runtime_tokens = pipe.conversation().ask_ids(ids, pixels, max_new_tokens=new_tokens)
+        report.runtime_tokens, _ = pipe.generate_ids(pipe.new_cache(), ids, embeds, max_new_tokens=new_tokens)
     report.reference_tokens = generate(reference, torch.tensor([ids]), torch.from_numpy(pixels),
                                        max_new_tokens=new_tokens, stop_ids=set(manifest.stop_ids))
     return report

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from hovle_edge.errors import HoVLEError
-from hovle_edge.spec import GRAPHS, Manifest
+from hovle_edge.spec import GRAPHS, IN_PLACE, Manifest
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -43,6 +43,11 @@ class OnnxRuntimeBackend:
         self.device = device
         self.on_device = device != "cpu"
         self.sessions = {}
+        self.kv_present = manifest.kv_present
+        self.max_context = manifest.max_context
+        self.kv_itemsize = np.dtype(manifest.kv_dtype).itemsize
+        self.specs = {name: manifest.graph_io(name) for name in GRAPHS}
+        self.outputs = {name: [s.name for s in self.specs[name][1]] for name in GRAPHS}
         for name in GRAPHS:
             session = self._session(manifest, name, threads, cache_optimized)
             if session.get_providers()[0] != wanted:  # onnxruntime falls back silently when CUDA libs are missing
@@ -94,23 +99,80 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = threads
         return options
 
-    def run(self, graph: str, feeds: dict, device_outputs=()) -> dict:
-        session = self.sessions[graph]
+    # KV buffers. On CPU a buffer is a numpy array (wrapped as an OrtValue over the same memory when
+    # the graph writes it in place); on CUDA an OrtValue in device memory.
+
+    def kv_buffers(self, graph: str, batch: int, capacity: int) -> dict:
+        pasts = [s for s in self.specs[graph][0] if s.name.startswith("past_key_values.")]
+        buffers = {}
+        for spec in pasts:
+            shape = (batch, spec.dims[1], capacity, spec.dims[3])
+            if self.on_device:
+                buffers[spec.name] = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, spec.dtype, "cuda", 0)
+            else:
+                buffers[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        return buffers
+
+    def read_kv(self, buffer, length: int) -> np.ndarray:
+        """A host copy of the first `length` slots."""
+        array = buffer.numpy() if self.on_device else buffer
+        return np.array(array[:, :, :length])
+
+    def write_kv(self, buffer, rows, start: int) -> None:
+        """`rows` [B, kvh, n, d] (host array, or an OrtValue on the device) into slots start..start+n-1."""
         if not self.on_device:
-            names = [o.name for o in session.get_outputs()]
-            return dict(zip(names, session.run(names, feeds)))
+            buffer[:, :, start:start + rows.shape[2]] = rows
+            return
+        from hovle_edge.runtime.device_copy import copy_rows
+
+        source = rows if isinstance(rows, self.ort.OrtValue) else self.ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(rows), "cuda", 0)
+        copy_rows(buffer.data_ptr(), tuple(buffer.shape()), source.data_ptr(), tuple(source.shape()), start,
+                  self.kv_itemsize)
+
+    def run(self, graph: str, feeds: dict, kv: dict | None = None, device_outputs=()) -> dict:
+        """Run `graph` on `feeds`; with `kv` (this graph's buffers, from kv_buffers) the pasts are
+        those buffers and this call's rows end up in them at slots T-S..T-1. Returns every other
+        output, host arrays except `device_outputs` on a GPU."""
+        session = self.sessions[graph]
+        in_place = kv is not None and self.kv_present == IN_PLACE
+        if not self.on_device and not in_place:
+            names = self.outputs[graph]
+            values = dict(zip(names, session.run(names, {**feeds, **(kv or {})})))
+            return self._store_rows(graph, feeds, kv, values)
         binding = session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, self.ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        outputs = [o.name for o in session.get_outputs()]
-        for name in outputs:
-            binding.bind_output(name, "cuda" if name in device_outputs else "cpu")
+        for name, buffer in (kv or {}).items():
+            binding.bind_ortvalue_input(name, self._ortvalue(buffer))
+            if in_place:  # the same memory as past and present: the graph writes the new rows itself
+                binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), self._ortvalue(buffer))
+        bound = [n for n in self.outputs[graph] if not (in_place and n.startswith("present."))]
+        for name in bound:
+            on_gpu = self.on_device and (name in device_outputs or name.startswith("present."))
+            binding.bind_output(name, "cuda" if on_gpu else "cpu")
         session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return {name: value if name in device_outputs else value.numpy() for name, value in zip(outputs, values)}
+        values = {}
+        for name, value in zip(bound, binding.get_outputs()):
+            keep = self.on_device and (name in device_outputs or name.startswith("present."))
+            values[name] = value if keep else value.numpy()
+        return self._store_rows(graph, feeds, kv, values)
+
+    def _ortvalue(self, buffer):
+        return buffer if isinstance(buffer, self.ort.OrtValue) else self.ort.OrtValue.ortvalue_from_numpy(buffer)
+
+    def _store_rows(self, graph: str, feeds: dict, kv: dict | None, values: dict) -> dict:
+        """new_rows graphs: write each present into its buffer after the slots already in use."""
+        if kv is None or self.kv_present == IN_PLACE:
+            return values
+        total = feeds["attention_mask"].shape[1]
+        for name, buffer in kv.items():
+            rows = values.pop(name.replace("past_key_values.", "present."))
+            self.write_kv(buffer, rows, total - rows.shape[2])
+        return values
 
     def close(self) -> None:
         self.sessions.clear()

@@ -1,40 +1,39 @@
-"""The KV caches of both stacks for one conversation: the graphs' presents handed back as the next
-step's past without a copy, a capacity fixed when the conversation starts, and the attention mask
-and positions that go with them."""
+"""The KV caches of both stacks for one conversation: buffers of a fixed capacity, allocated once by
+the backend in its own memory (numpy arrays on CPU, device buffers on a GPU), filled slot by slot as
+tokens run, plus the attention mask and positions that go with them. Nothing is allocated or copied
+per token beyond the new rows; a snapshot copies the slots in use so that a prefix can be resumed."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from hovle_edge.errors import InputError
-from hovle_edge.spec import Stack, past_names, present_names
+
+STACK_GRAPHS = ("embedding", "decoder")  # the graphs that carry a KV cache, each its own
 
 
-class StackCache:
-    """One stack's past: backend values (numpy arrays on CPU, device buffers elsewhere) by name."""
+@dataclass
+class CacheSnapshot:
+    """The first `length` slots of every buffer of both stacks, on the host."""
 
-    def __init__(self, stack: Stack, dtype: str, batch: int = 1):
-        self.stack = stack
-        empty = np.zeros((batch, stack.kv_heads, 0, stack.head_dim), dtype=dtype)
-        self.values = {name: empty for name in past_names(stack.layers)}
-        self.presents = present_names(stack.layers)
+    length: int
+    rows: dict  # graph -> {past name: np.ndarray [B, kvh, length, d]}
 
-    def feeds(self) -> dict:
-        return dict(self.values)
-
-    def update(self, outputs: dict) -> None:
-        for past, present in zip(self.values, self.presents):
-            self.values[past] = outputs[present]
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for stack in self.rows.values() for a in stack.values())
 
 
 class ConversationCache:
-    """Both stacks' caches plus the length they hold, within a fixed capacity."""
+    """Both stacks' buffers plus the number of slots in use, within a fixed capacity."""
 
-    def __init__(self, embedding: Stack, llm: Stack, dtype: str, capacity: int):
+    def __init__(self, backend, capacity: int, batch: int = 1):
+        self.backend = backend
         self.capacity = capacity
         self.length = 0
-        self.embedding = StackCache(embedding, dtype)
-        self.llm = StackCache(llm, dtype)
+        self.buffers = {graph: backend.kv_buffers(graph, batch, capacity) for graph in STACK_GRAPHS}
 
     def room(self) -> int:
         return self.capacity - self.length
@@ -46,12 +45,24 @@ class ConversationCache:
                              "image tiles, or start a new conversation")
 
     def step_inputs(self, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """position_ids [1, S] and attention_mask [1, P+S] for `new_tokens` after what is cached."""
+        """position_ids [1, S] and attention_mask [1, T] for `new_tokens` after what is cached."""
         positions = np.arange(self.length, self.length + new_tokens, dtype=np.int64)[None]
         mask = np.ones((1, self.length + new_tokens), dtype=np.int64)
         return positions, mask
 
-    def advance(self, new_tokens: int, embedding_outputs: dict, llm_outputs: dict) -> None:
-        self.embedding.update(embedding_outputs)
-        self.llm.update(llm_outputs)
+    def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
+
+    def snapshot(self) -> CacheSnapshot:
+        rows = {graph: {name: self.backend.read_kv(buffer, self.length) for name, buffer in buffers.items()}
+                for graph, buffers in self.buffers.items()}
+        return CacheSnapshot(self.length, rows)
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        """Continue from `snapshot`: its slots written back, everything after them free again."""
+        if snapshot.length > self.capacity:
+            raise InputError(f"a snapshot of {snapshot.length} tokens does not fit a cache of {self.capacity}")
+        for graph, buffers in self.buffers.items():
+            for name, buffer in buffers.items():
+                self.backend.write_kv(buffer, snapshot.rows[graph][name], 0)
+        self.length = snapshot.length

@@ -39,6 +39,9 @@ class Timings:
 
 
 class Pipeline:
+    """A model folder's graphs, tokenizer and chat template; the step API (prefill, decode_step,
+    generate_ids) over a ConversationCache, and generate/stream/conversation for users."""
+
     def __init__(self, manifest, backend, tokenizer: Tokenizer):
         self.manifest = manifest
         self.backend = backend
@@ -46,7 +49,9 @@ class Pipeline:
         model = manifest.model
         self.template = ChatTemplate(tokens_per_tile=model["tokens_per_tile"], system=manifest.data["chat"]["system"])
         self.hidden = model["hidden"]
-        self.timings = Timings()
+        self.image_token = manifest.data["tokens"]["img_context"]
+        # At decode the embedding graph takes one dummy image row: no position is an image token.
+        self.no_image = np.zeros((1, self.hidden), dtype=manifest.kv_dtype)
 
     @classmethod
     def from_dir(cls, model_dir: str, backend: str = "onnxruntime", device: str = "cpu",
@@ -66,7 +71,7 @@ class Pipeline:
         self.close()
 
     def conversation(self, max_context: int | None = None) -> "Conversation":
-        return Conversation(self, max_context or self.manifest.max_context)
+        return Conversation(self, self.new_cache(max_context))
 
     def generate(self, prompt: str, image=None, max_tiles: int | None = None, **sampling) -> str:
         """One question (with an optional image path or PIL image) -> the answer text."""
@@ -76,7 +81,16 @@ class Pipeline:
         """Like generate, yielding text pieces as tokens are decoded."""
         return self.conversation().ask(prompt, image, max_tiles=max_tiles, **sampling)
 
-    # The graph calls, shared by every turn.
+    # The step API: everything above and Conversation are built on these.
+
+    def new_cache(self, capacity: int | None = None) -> ConversationCache:
+        """Empty KV caches of both stacks for `capacity` tokens (default: the model's context)."""
+        limit = self.backend.max_context  # the export's, or less for engines built with a smaller one
+        capacity = capacity or limit
+        if not 1 <= capacity <= limit:
+            raise InputError(f"a context of {capacity} tokens was asked for, but the model was exported for "
+                             f"at most {limit}")
+        return ConversationCache(self.backend, capacity)
 
     def pixel_values(self, image, max_tiles: int | None) -> np.ndarray:
         model = self.manifest.model
@@ -87,45 +101,94 @@ class Pipeline:
                                 image_size=model["image_size"], use_thumbnail=model["use_thumbnail"])
 
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[tiles, 3, S, S] -> the image rows [tiles * tokens_per_tile, hidden], in prompt order."""
         out = self.backend.run("vision", {"pixel_values": pixel_values})["image_embeds"]
         return out.reshape(-1, out.shape[-1])
 
-    def forward(self, cache: ConversationCache, ids: list[int], image_embeds: np.ndarray | None, timings: Timings,
-                prefill: bool = False) -> np.ndarray:
-        """Run `ids` after what `cache` holds through both stacks; returns the last position's logits [V]."""
+    def prefill(self, cache: ConversationCache, ids: list[int], image_embeds: np.ndarray | None = None,
+                timings: Timings | None = None) -> np.ndarray:
+        """Run `ids` after what `cache` holds through both stacks; the last position's logits [V]."""
+        placeholders = sum(1 for i in ids if i == self.image_token)
+        rows = 0 if image_embeds is None else len(image_embeds)
+        if placeholders != rows:
+            raise InputError(f"the prompt holds {placeholders} image placeholders but {rows} image rows were "
+                             "given; each image token position takes one row")
+        if not ids:
+            raise InputError("nothing to prefill: the prompt has no tokens")
+        cache.check_room(len(ids))
+        return self._forward(cache, ids, image_embeds, timings, prefill=True)
+
+    def decode_step(self, cache: ConversationCache, token: int, timings: Timings | None = None) -> np.ndarray:
+        """One token after what `cache` holds; its logits [V]."""
+        cache.check_room(1, "the next token")
+        return self._forward(cache, [token], None, timings)
+
+    def generate_ids(self, cache: ConversationCache, ids: list[int], image_embeds: np.ndarray | None = None,
+                     on_token=None, stop_ids=None, **sampling) -> tuple[list[int], Timings]:
+        """Prefill `ids` (already templated), then sample until a stop id or max_new_tokens; `on_token`
+        is called with each new id. Returns (new ids, the call's timings). `stop_ids=()` generates
+        exactly max_new_tokens (when the context allows)."""
+        timings = Timings(prompt_tokens=len(ids))
+        started = time.perf_counter()
+        tokens = []
+        for token in self.sample(cache, ids, image_embeds, SamplingParams(**sampling), timings, started,
+                                 history=list(ids), stop_ids=stop_ids):
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+        timings.total = time.perf_counter() - started
+        return tokens, timings
+
+    def sample(self, cache: ConversationCache, ids: list[int], image_embeds, params: SamplingParams,
+               timings: Timings, started: float, history: list[int], stop_ids=None) -> Iterator[int]:
+        """The decode loop: yields each chosen token (a stop token last, when one comes); every token
+        but the last one is run through the graphs after it is yielded, into `cache` and `history`."""
+        stop_ids = set(self.manifest.stop_ids if stop_ids is None else stop_ids)
+        sampler = Sampler(params)
+        logits = self.prefill(cache, ids, image_embeds, timings)
+        budget = min(params.max_new_tokens, cache.room() + 1)
+        for step in range(budget):
+            step_started = time.perf_counter()
+            token = sampler(logits, history)
+            if step == 0:
+                timings.first_token = time.perf_counter() - started
+            timings.new_tokens += 1
+            yield token  # before the graphs run it, so that a stream shows it at once
+            if token in stop_ids or step + 1 == budget:
+                return
+            logits = self.decode_step(cache, token, timings)
+            history.append(token)
+            timings.steps.append(time.perf_counter() - step_started)
+
+    def _forward(self, cache: ConversationCache, ids: list[int], image_embeds: np.ndarray | None,
+                 timings: Timings | None, prefill: bool = False) -> np.ndarray:
         input_ids = np.asarray([ids], dtype=np.int64)
         positions, mask = cache.step_inputs(len(ids))
-        if image_embeds is None:  # the graph takes one dummy row when no position is an image token
-            image_embeds = np.zeros((1, self.hidden), dtype=self.manifest.kv_dtype)
-        device_outputs = cache.embedding.presents + cache.llm.presents + ["inputs_embeds"]  # stay on a GPU
         started = time.perf_counter()
-        emb = self.backend.run("embedding", {"input_ids": input_ids, "image_embeds": image_embeds,
-                                             "position_ids": positions, "attention_mask": mask,
-                                             **cache.embedding.feeds()}, device_outputs)
+        emb = self.backend.run("embedding", {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask,
+                                             "image_embeds": self.no_image if image_embeds is None else image_embeds},
+                               kv=cache.buffers["embedding"], device_outputs=("inputs_embeds",))  # stays on a GPU
         middle = time.perf_counter()
         llm = self.backend.run("decoder", {"inputs_embeds": emb["inputs_embeds"], "position_ids": positions,
-                                           "attention_mask": mask, **cache.llm.feeds()}, device_outputs)
-        ended = time.perf_counter()
-        if prefill:
-            timings.embedding_prefill = middle - started
-            timings.llm_prefill = ended - middle
-        timings.graph_calls["embedding"] += 1
-        timings.graph_calls["decoder"] += 1
-        timings.tokens_through_graphs += len(ids)
-        cache.advance(len(ids), emb, llm)
+                                           "attention_mask": mask}, kv=cache.buffers["decoder"])
+        cache.advance(len(ids))
+        if timings is not None:
+            if prefill:
+                timings.embedding_prefill = middle - started
+                timings.llm_prefill = time.perf_counter() - middle
+            timings.graph_calls["embedding"] += 1
+            timings.graph_calls["decoder"] += 1
+            timings.tokens_through_graphs += len(ids)
         return llm["logits"][0, -1]
 
 
 class Conversation:
-    """A multi-turn chat whose KV caches persist between turns."""
+    """A multi-turn chat whose KV caches persist between turns; `timings` describes the last turn."""
 
-    def __init__(self, pipeline: Pipeline, capacity: int):
+    def __init__(self, pipeline: Pipeline, cache: ConversationCache):
         self.pipeline = pipeline
-        manifest = pipeline.manifest
-        if capacity > manifest.max_context:
-            raise InputError(f"a context of {capacity} tokens was asked for, but the model was exported for "
-                             f"at most {manifest.max_context}")
-        self.cache = ConversationCache(manifest.stack("embedding"), manifest.stack("llm"), manifest.kv_dtype, capacity)
+        self.cache = cache
+        self.timings = Timings()
         self.ids: list[int] = []  # every token the caches hold, in order
         self.pending: list[int] = []  # the last answer's stop token, not yet run through the graphs
 
@@ -135,7 +198,7 @@ class Conversation:
             raise InputError("the prompt is empty")
         pipe = self.pipeline
         params = SamplingParams(**sampling)
-        timings = pipe.timings = Timings()
+        timings = self.timings = Timings()
         started = time.perf_counter()
         pixel_values = None if image is None else self._preprocess(image, max_tiles, timings)
         tiles = 0 if pixel_values is None else len(pixel_values)
@@ -154,7 +217,7 @@ class Conversation:
         and benchmarks (`stop_ids=()` generates exactly max_new_tokens)."""
         params = SamplingParams(**sampling)
         self.cache.check_room(len(ids) + 1)
-        timings = self.pipeline.timings = Timings(prompt_tokens=len(ids))
+        timings = self.timings = Timings(prompt_tokens=len(ids))
         started = time.perf_counter()
         if image is not None:
             pixel_values = self._preprocess(image, None, timings)
@@ -181,33 +244,25 @@ class Conversation:
     def _answer(self, ids, image_embeds, params: SamplingParams, timings: Timings, started: float, out=None,
                 stop_ids=None):
         pipe = self.pipeline
-        stop_ids = set(pipe.manifest.stop_ids if stop_ids is None else stop_ids)
-        sampler = Sampler(params)
+        stops = set(pipe.manifest.stop_ids if stop_ids is None else stop_ids)
         decoder = StreamDecoder(pipe.tokenizer)
-        logits = pipe.forward(self.cache, ids, image_embeds, timings, prefill=True)
-        self.ids += ids
-        self.pending = []
-        budget = min(params.max_new_tokens, self.cache.room() + 1)
-        for step in range(budget):
-            step_started = time.perf_counter()
-            token = sampler(logits, self.ids)
-            if step == 0:
-                timings.first_token = time.perf_counter() - started
-            timings.new_tokens += 1
-            if out is not None:
-                out.append(token)
-            if token in stop_ids:
-                self.pending = [token]
-                break
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-            if step + 1 == budget:  # cut short: the next turn feeds this token and closes the answer
-                self.pending = [token, pipe.tokenizer.token_id(IM_END)]
-                break
-            logits = pipe.forward(self.cache, [token], None, timings)
-            self.ids.append(token)
-            timings.steps.append(time.perf_counter() - step_started)
+        history = self.ids + ids
+        token = None
+        try:
+            for token in pipe.sample(self.cache, ids, image_embeds, params, timings, started, history, stop_ids):
+                if out is not None:
+                    out.append(token)
+                if token not in stops:
+                    piece = decoder.push(token)
+                    if piece:
+                        yield piece
+        finally:  # also when the caller stops reading mid-answer
+            if self.cache.length > len(self.ids):  # the prompt ran: the caches hold `history`
+                self.ids = history[:self.cache.length]
+                # The last token chosen has not run through the graphs: the next turn feeds it first,
+                # and an answer cut short (max_new_tokens, or a reader that stopped) is closed there.
+                close = [pipe.tokenizer.token_id(IM_END)]
+                self.pending = close if token is None else [token] if token in stops else [token] + close
         tail = decoder.flush()
         if tail:
             yield tail

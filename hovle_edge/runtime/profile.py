@@ -133,13 +133,14 @@ def profile(pipe, image=None, tiles: int | None = None, prompt_tokens: int = 128
                                      "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
                                      "image": None if image is None else str(image)})
     for index in range(warmup + runs):
-        pipe.conversation().ask_ids(ids, random_tiles, image=image, stop_ids=(), max_new_tokens=new_tokens)
+        chat = pipe.conversation()
+        chat.ask_ids(ids, random_tiles, image=image, stop_ids=(), max_new_tokens=new_tokens)
         if device != "cpu":
             used = device_memory_mb()
             if used is not None:
                 report.peak_device_mb = max(report.peak_device_mb or 0.0, used)
         if index >= warmup:
-            report.runs.append(record(pipe.timings))
+            report.runs.append(record(chat.timings))
     report.peak_rss_mb = peak_rss_mb()
     return report
 

@@ -136,11 +136,10 @@ def evaluate(paths: dict, count: int) -> dict:
     expected = [a for _, _, a in items]
     torch_answers = [torch_answer(model, tokenizer, template, q, image) for image, q, _ in items]
     with Pipeline.from_dir(paths["onnx"]) as pipe:
-        runtime_answers, ttft, per_token = [], [], []
-        for image, question, _ in items:
-            runtime_answers.append(runtime_answer(pipe, question, image))
-            ttft.append(pipe.timings.first_token)
-            per_token += pipe.timings.steps
+        timings = []
+        runtime_answers = [runtime_answer(pipe, question, image, timings=timings) for image, question, _ in items]
+        ttft = [t.first_token for t in timings]
+        per_token = [step for t in timings for step in t.steps]
         texts = text_questions(100)
         final_text = [runtime_answer(pipe, q) for q, _ in texts]
         follow_ups = follow_up_questions(max(1, count // 2))

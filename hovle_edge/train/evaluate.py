@@ -89,8 +89,13 @@ def caption_exact(model, tokenizer, template, count: int = 50, seed: int = EVAL_
     return 100.0 * right / max(1, count)
 
 
-def runtime_answer(pipe, question: str, image=None, max_new_tokens: int = 8) -> str:
-    return pipe.generate(question, image=image, max_new_tokens=max_new_tokens).strip()
+def runtime_answer(pipe, question: str, image=None, max_new_tokens: int = 8, timings: list | None = None) -> str:
+    """The runtime's answer to one question; the turn's Timings appended to `timings` when given."""
+    chat = pipe.conversation()
+    answer = "".join(chat.ask(question, image=image, max_new_tokens=max_new_tokens)).strip()
+    if timings is not None:
+        timings.append(chat.timings)
+    return answer
 
 
 def percent(answers: list[str], expected: list[str]) -> float:
