@@ -52,7 +52,8 @@ def convert_tokenizer(directory):
               help="Precision of weights, activations and KV cache; logits are always fp32.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18, which TensorRT 10.3 parses; 23 adds fused ops).")
 @click.option("--max-context", type=int, default=None, help="Longest conversation in tokens (default: the LLM's max positions).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if hovle-edge exported it; never a folder that is, holds or sits inside the checkpoint.")
 def export(checkpoint, out, precision, opset, max_context, overwrite):
     """Export a checkpoint to vision.onnx, embedding.onnx and decoder.onnx plus manifest.json.
 
@@ -355,7 +356,8 @@ def profile(model_dir, backend, device, threads, image, tiles, prompt_tokens, ne
 @click.option("--workspace", type=float, default=4.0, show_default=True, help="Builder workspace in GiB.")
 @click.option("--flavour", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
               help="Default: the one installed.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if hovle-edge built it; never a folder that is, holds or sits inside MODEL.")
 def build(model_dir, out, precision, max_context, max_prompt, max_tiles, max_batch, timing_cache, workspace, flavour,
           overwrite):
     """Build one TensorRT engine per graph with prefill and decode profiles (needs a GPU and

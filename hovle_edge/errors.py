@@ -25,6 +25,10 @@ class ExportError(HoVLEError):
     """An export whose graph failed a check (ops, parity, shapes)."""
 
 
+class OutputFolderError(HoVLEError):
+    """A folder to write that exists and may not be replaced, or that is, holds or sits inside an input."""
+
+
 class EngineBuildError(HoVLEError):
     """A TensorRT engine that cannot be built: a graph the parser refuses, a target GPU the builder
     cannot compile for, a build that fails. `setting` names the build setting at fault, if one is."""

@@ -15,7 +15,7 @@ from hovle_edge.engines import cache as engine_cache
 from hovle_edge.engines.flavours import compute_capability, import_flavour, pick_flavour, strongly_typed
 from hovle_edge.engines.profiles import graph_profiles, limits_for
 from hovle_edge.errors import ExportError
-from hovle_edge.files import atomic_directory, atomic_file, sha256_file
+from hovle_edge.files import atomic_directory, atomic_file, folder_with, sha256_file
 from hovle_edge.spec import GRAPHS, MANIFEST, load_manifest
 from hovle_edge.tokenizer import TOKENIZER_FILES
 
@@ -83,7 +83,8 @@ def build_engines(model_dir: str, out: str, precision: str = "fp16", max_context
     record = {"format": engine_cache.ENGINES_FORMAT, "version": engine_cache.ENGINES_VERSION, "flavour": flavour,
               "tensorrt_version": trt.__version__, "compute_capability": capability, "gpu": gpu,
               "precision": precision, "limits": vars(limits), "engines": {}}
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, owned_by=folder_with(engine_cache.ENGINES, format=engine_cache.ENGINES_FORMAT),
+                          inputs=[model_dir], what="engine folder") as tmp:
         for graph in GRAPHS:
             inputs, _ = manifest.graph_io(graph)
             profiles = graph_profiles(graph, manifest, limits)

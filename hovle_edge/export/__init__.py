@@ -16,7 +16,7 @@ from hovle_edge.errors import ExportError
 from hovle_edge.export.graphs import graph_specs
 from hovle_edge.export.onnx_export import export_graph
 from hovle_edge.export.parity import TOLERANCE, check_graph
-from hovle_edge.files import atomic_directory, sha256_file, sha256_files
+from hovle_edge.files import atomic_directory, check_replaceable, folder_with, sha256_file, sha256_files
 from hovle_edge.model import HoVLE
 from hovle_edge.model.weights import checkpoint_files
 from hovle_edge.tokenizer import (IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_SYSTEM, TOKENIZER_FILES,
@@ -29,6 +29,8 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET,
                  max_context: int | None = None, overwrite: bool = False, progress: bool = True) -> spec.Manifest:
     """Export, check and write the model folder `out`, whole or not at all."""
+    exported_here = folder_with(spec.MANIFEST, format=spec.MANIFEST_FORMAT)  # what --overwrite may replace
+    check_replaceable(out, overwrite, exported_here, [checkpoint], what="export folder")  # before the model loads
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     reference = HoVLE.from_pretrained(checkpoint, dtype=torch.float32)
@@ -40,7 +42,7 @@ def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int 
     dtype = "float16" if precision == "fp16" else "float32"
     references = {g.name: g.module for g in graph_specs(reference, "float32")}
     graphs = {}
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, owned_by=exported_here, inputs=[checkpoint], what="export folder") as tmp:
         bar = tqdm(graph_specs(model, dtype), desc="export", unit="graph", disable=not progress)
         for graph in bar:
             bar.set_postfix_str(graph.name)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hovle_edge.errors import InputError
-from hovle_edge.files import read_json, write_json
+from hovle_edge.files import claim_directory, read_json, write_json
 from hovle_edge.train import shapes
 from hovle_edge.train.lm import LM_DEFAULTS
 from hovle_edge.train.loop import TrainSettings, finished, native_bf16, training_device, uses_bf16
@@ -73,6 +73,8 @@ def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bo
     from hovle_edge.train.stages import run_stage
     from hovle_edge.train.teacher import pretrain_teacher
 
+    # Steps already done are reused, so `out` must be a demo folder (or new): never someone else's files.
+    claim_directory(out, "demo", owned_by=lambda p: os.path.isfile(os.path.join(p, "report.json")), what="demo folder")
     plan = plan or DemoPlan.for_this_machine()
     started = time.perf_counter()
     seconds = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -25,8 +26,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
-from hovle_edge.errors import ConfigError
-from hovle_edge.files import atomic_directory
+from hovle_edge.errors import CheckpointError, ConfigError
+from hovle_edge.files import atomic_directory, claim_directory
 from hovle_edge.model.layers import DecoderLayer
 
 CHECKPOINTS = "checkpoints"
@@ -39,6 +40,18 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def finished(out: str) -> bool:
     """A stage's output is complete once its train_config.json is there."""
     return os.path.isfile(os.path.join(out, TRAIN_CONFIG))
+
+
+def made_by_training(out: str) -> bool:
+    """A finished stage, or one interrupted after a checkpoint (folders from before the output marker)."""
+    return finished(out) or latest_checkpoint(out) is not None
+
+
+def claim_training_output(out: str, inputs=()) -> None:
+    """Refuse, before anything loads, an `out` that hovle-edge training did not make or that is, holds
+    or sits inside one of `inputs` (the init checkpoint, the data); torchrun's rank 0 checks for all."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_directory(out, "train", made_by_training, inputs, what="training output")
 
 
 def inherited(previous: str) -> dict:
@@ -159,6 +172,7 @@ def train(task: Task, settings: TrainSettings, out: str, desc: str = "train", pr
     """Run (or resume) the stage; rank 0 writes checkpoints under out/checkpoints and the result
     into `out`. `stop_after` ends the run early as an interruption would (for tests). Returns the
     last metrics."""
+    claim_training_output(out)  # run_stage has checked it against its inputs already
     rank, world = distributed()
     device = training_device()
     task.module.to(device)
@@ -223,13 +237,13 @@ def save_checkpoint(task: Task, optimizer, step: int, settings: TrainSettings, o
     if rank != 0:
         return
     root = os.path.join(out, CHECKPOINTS)
-    with atomic_directory(os.path.join(root, f"step-{step:07d}")) as tmp:
+    with atomic_directory(os.path.join(root, f"step-{step:07d}"), overwrite=True,
+                          owned_by=lambda p: os.path.isfile(os.path.join(p, "trainer_state.json"))) as tmp:
         task.save(tmp, weights)
         if helpers:
             save_file(helpers, os.path.join(tmp, "helpers.safetensors"))
         torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   os.path.join(tmp, "rng.pt"))
+        torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
             json.dump({"step": step, "settings": asdict(settings), "scheduler": {"lr": lr_at(step - 1, settings)},
                        "files": ["optimizer.pt", "rng.pt"] + (["helpers.safetensors"] if helpers else [])}, f, indent=2)
@@ -262,10 +276,40 @@ def resume(task: Task, optimizer, out: str) -> int:
         weights.update(load_file(os.path.join(path, "helpers.safetensors")))
     set_model_state_dict(task.module, weights, options=StateDictOptions(full_state_dict=True, strict=True))
     # Not strict: a parameter that never had a gradient (the unused class embedding) has no Adam state.
-    set_optimizer_state_dict(task.module, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=False),
+    set_optimizer_state_dict(task.module, optimizer, load_tensors(os.path.join(path, "optimizer.pt")),
                              options=StateDictOptions(full_state_dict=True, strict=False))
-    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    set_rng_state(load_tensors(os.path.join(path, "rng.pt")), os.path.join(path, "rng.pt"))
     return state["step"]
+
+
+def load_tensors(path: str):
+    """A torch.save file of tensors, numbers, strings and containers only. weights_only=True: a pickle
+    planted in a checkpoint cannot run code when a run resumes from it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a trainer state file this version reads ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); remove "
+                              f"{os.path.dirname(os.path.dirname(path))} to start the stage over") from e
+
+
+def rng_state() -> dict:
+    """Every generator's state as tensors and plain numbers, which weights_only loading accepts
+    (numpy's own state holds an ndarray, which it does not)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
+            "python": [version, torch.tensor(words, dtype=torch.int64), gauss_next]}
+
+
+def set_rng_state(state, path: str) -> None:
+    try:
+        name, keys, position, has_gauss, gauss = state["numpy"]
+        version, words, gauss_next = state["python"]
+        torch.set_rng_state(state["torch"])
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        random.setstate((version, tuple(int(w) for w in words.tolist()), gauss_next))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: random generator state not in the form this version writes ({e}); "
+                              f"remove {os.path.dirname(os.path.dirname(path))} to start the stage over") from e

@@ -25,7 +25,7 @@ from hovle_edge.preprocess import load_image, preprocess_image
 from hovle_edge.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, TOKENIZER_FILES, ChatTemplate, Tokenizer
 from hovle_edge.train.data import Examples, collate, image_files, picks
 from hovle_edge.train.lm import ARCHITECTURE as LM_ARCHITECTURE, load_lm, next_token_loss
-from hovle_edge.train.loop import Task, TrainSettings, inherited, train
+from hovle_edge.train.loop import Task, TrainSettings, claim_training_output, inherited, train
 from hovle_edge.train.teacher import load_teacher
 
 
@@ -238,6 +238,7 @@ def run_stage(stage: str, init: str, out: str, data: str | None = None, override
               held_out: str | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train one stage from `init` into `out`; returns the final metrics and, for distill with a
     `held_out` image folder, the mean cosines there (written to distill_scores.json)."""
+    claim_training_output(out, inputs=[init, data, teacher, text, held_out])  # before any model loads
     settings = settings_for(stage, init, overrides or {})
     previous = inherited(init)
     torch.manual_seed(settings.seed)

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from hovle_edge.errors import ConfigError
-from hovle_edge.files import atomic_directory
+from hovle_edge.files import atomic_directory, check_replaceable, folder_with
 from hovle_edge.preprocess import normalize
 from hovle_edge.train import shapes
 
 ARCHITECTURE = "ShapesTeacher"
+MADE_HERE = folder_with("config.json", architectures=[ARCHITECTURE])  # what --out may replace
 
 
 def fit(pixel_values, size: int):
@@ -113,6 +114,7 @@ def pretrain_teacher(out: str, steps: int = TEACHER_STEPS, batch_size: int = 32,
     of fresh scenes."""
     from tqdm import tqdm
 
+    check_replaceable(out, True, MADE_HERE, what="teacher folder")
     torch.manual_seed(seed)
     teacher = ShapesTeacher()
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr)
@@ -127,7 +129,7 @@ def pretrain_teacher(out: str, steps: int = TEACHER_STEPS, batch_size: int = 32,
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     accuracy = attribute_accuracy(teacher, seed=random.Random(seed).randrange(10**6) + 7_000_000)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=True, owned_by=MADE_HERE, what="teacher folder") as tmp:
         save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump({**teacher.config, "accuracy_on_things": accuracy}, f, indent=2)

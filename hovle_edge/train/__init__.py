@@ -1,0 +1,1 @@
+"""The paper's stage trainers and the shapes world they run on (needs torch)."""
