@@ -52,9 +52,11 @@ def convert_tokenizer(directory):
               help="Precision of weights, activations and KV cache; logits are always fp32.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18, which TensorRT 10.3 parses; 23 adds fused ops).")
 @click.option("--max-context", type=int, default=None, help="Longest conversation in tokens (default: the LLM's max positions).")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: ORT's fused ops, KV caches written in place; tensorrt: standard ops that `build` compiles.")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT if hovle-edge exported it; never a folder that is, holds or sits inside the checkpoint.")
-def export(checkpoint, out, precision, opset, max_context, overwrite):
+def export(checkpoint, out, precision, opset, max_context, target, overwrite):
     """Export a checkpoint to vision.onnx, embedding.onnx and decoder.onnx plus manifest.json.
 
     Each graph is compared with PyTorch on ONNX Runtime before the folder is moved into place.
@@ -62,7 +64,7 @@ def export(checkpoint, out, precision, opset, max_context, overwrite):
     from hovle_edge.export import DEFAULT_OPSET, export_model
 
     manifest = export_model(checkpoint, out, precision=precision, opset=opset or DEFAULT_OPSET,
-                            max_context=max_context, overwrite=overwrite)
+                            max_context=max_context, overwrite=overwrite, target=target)
     for name, graph in manifest.data["graphs"].items():
         click.echo(f"{name:<10} {graph['bytes'] / 2**20:9.1f} MiB  parity max abs {graph['parity']['max_abs']:.2g}")
     click.echo(f"wrote {out}")

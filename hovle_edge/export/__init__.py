@@ -15,6 +15,8 @@ from hovle_edge import __version__, spec
 from hovle_edge.errors import ExportError
 from hovle_edge.export.graphs import graph_specs
 from hovle_edge.export.onnx_export import export_graph
+from hovle_edge.export.ort_graphs import write_ort_graph
+from hovle_edge.export.ort_parity import check_in_place_graph, in_place_spec
 from hovle_edge.export.parity import TOLERANCE, check_graph
 from hovle_edge.files import atomic_directory, check_replaceable, folder_with, sha256_file, sha256_files
 from hovle_edge.model import HoVLE
@@ -24,15 +26,22 @@ from hovle_edge.tokenizer import (IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_ST
 
 DEFAULT_OPSET = 18  # the newest opset TensorRT 10.3 (JetPack 6) parses that torch's exporter writes
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+# onnxruntime: ORT's fused contrib ops, KV written in place (export/ort_graphs.py); tensorrt: portable standard ops
+TARGETS = ("onnxruntime", "tensorrt")
 
 
-def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                 max_context: int | None = None, overwrite: bool = False, progress: bool = True) -> spec.Manifest:
-    """Export, check and write the model folder `out`, whole or not at all."""
+def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int | None = None,
+                 max_context: int | None = None, overwrite: bool = False, progress: bool = True,
+                 target: str = "tensorrt") -> spec.Manifest:
+    """Export, check and write the model folder `out`, whole or not at all, for graph `target` (see
+    TARGETS; the CLI's default is onnxruntime)."""
     exported_here = folder_with(spec.MANIFEST, format=spec.MANIFEST_FORMAT)  # what --overwrite may replace
     check_replaceable(out, overwrite, exported_here, [checkpoint], what="export folder")  # before the model loads
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if target not in TARGETS:
+        raise ExportError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
+    opset = opset or DEFAULT_OPSET  # of the torch.onnx graphs; the onnxruntime target's own are at ORT_OPSET
     reference = HoVLE.from_pretrained(checkpoint, dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(checkpoint)
     check_context_token(tokenizer, reference.config)
@@ -48,8 +57,14 @@ def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int 
             bar.set_postfix_str(graph.name)
             path = os.path.join(tmp, f"{graph.name}.onnx")
             started = time.perf_counter()
-            parameters = export_graph(graph, path, opset)
-            rows = check_graph(graph, path, config, precision, references[graph.name] if precision != "fp32" else None)
+            reference_module = references[graph.name] if precision != "fp32" else None
+            if target == "onnxruntime" and graph.name != "vision":  # the vision graph is the same for both
+                graph = in_place_spec(graph, config, dtype)
+                parameters = write_ort_graph(graph.name, reference, dtype, max_context, path)
+                rows = check_in_place_graph(graph, path, config, precision, reference_module)
+            else:
+                parameters = export_graph(graph, path, opset)
+                rows = check_graph(graph, path, config, precision, reference_module)
             failed = [r for r in rows if r.exceeds(precision)]
             if failed:
                 r = failed[0]
@@ -58,7 +73,7 @@ def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int 
             worst = max(rows, key=lambda r: r.max_rel)
             graphs[graph.name] = graph_entry(graph, tmp, parameters, worst, time.perf_counter() - started)
         copy_tokenizer(checkpoint, tmp, tokenizer)
-        manifest = build_manifest(config, tokenizer, graphs, precision, opset, max_context, checkpoint, tmp)
+        manifest = build_manifest(config, tokenizer, graphs, precision, opset, max_context, checkpoint, tmp, target)
         spec.write_manifest(tmp, manifest)
     return spec.load_manifest(out)
 
@@ -87,7 +102,7 @@ def copy_tokenizer(checkpoint: str, directory: str, tokenizer: Tokenizer) -> Non
 
 
 def build_manifest(config, tokenizer: Tokenizer, graphs: dict, precision: str, opset: int, max_context: int,
-                   checkpoint: str, directory: str) -> dict:
+                   checkpoint: str, directory: str, target: str = "tensorrt") -> dict:
     emb = config.embedding_config
     files = sorted(f for f in os.listdir(directory) if not f.startswith("."))
     return {
@@ -98,7 +113,8 @@ def build_manifest(config, tokenizer: Tokenizer, graphs: dict, precision: str, o
         "precision": precision,
         "opset": opset,
         "max_context": max_context,
-        "kv": {"layout": "capacity", "present": spec.NEW_ROWS},
+        "target": target,
+        "kv": {"layout": "capacity", "present": spec.IN_PLACE if target == "onnxruntime" else spec.NEW_ROWS},
         "model": spec.model_section(config),
         "tokens": {
             "img_context": emb.img_context_token_id, "img_start": tokenizer.token_id(IMG_START),
