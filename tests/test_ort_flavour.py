@@ -100,3 +100,86 @@ def test_graphs_match_pytorch_with_left_padding_then_decode(tiny_model, dtype):
     assert_close(got, logits, dtype)
     # Written in place: the slots after the ones in use are the noise they started as.
     assert np.array_equal(emb_buffers["past_key_values.0.key"].numpy()[:, :, S + 1:], untouched)
+
+
+# The whole model, exported for the onnxruntime target and run by the runtime.
+
+@pytest.fixture(scope="module")
+def ort_export(tiny_checkpoint, tmp_path_factory):
+    from hovle_edge.export import export_model
+
+    out = tmp_path_factory.mktemp("exported") / "tiny-onnxruntime"
+    export_model(str(tiny_checkpoint), str(out), progress=False, target="onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(ort_export):
+    from hovle_edge.runtime import Pipeline
+
+    with Pipeline.from_dir(str(ort_export)) as pipeline:
+        yield pipeline
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    from hovle_edge.model import HoVLE
+
+    return HoVLE.from_pretrained(str(tiny_checkpoint))
+
+
+def image_pixels(pipe):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return pipe.pixel_values(Image.fromarray((rng.random((70, 150, 3)) * 255).astype(np.uint8)), None)
+
+
+def test_manifest_records_the_target_and_graphs_hold_fused_ops(ort_export):
+    import onnx
+
+    manifest = spec.load_manifest(str(ort_export))
+    assert manifest.data["target"] == "onnxruntime"
+    assert manifest.data["kv"] == {"layout": "capacity", "present": spec.IN_PLACE}
+    _, outputs = manifest.graph_io("decoder")
+    assert [o.dims[2] for o in outputs if o.name.startswith("present.")] == [spec.CAPACITY] * 4
+    ops = {n.op_type for n in onnx.load(str(ort_export / "decoder.onnx"), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops
+    assert "Softmax" not in ops  # attention is GQA's, not MatMul + Softmax
+
+
+def test_greedy_with_image_equals_pytorch(pipe, reference):
+    from hovle_edge.model import generate
+
+    pixels = image_pixels(pipe)
+    ids = pipe.tokenizer.encode(pipe.template.prompt("what colour is the square?", tiles=len(pixels)), bos=True)
+    tokens = pipe.conversation().ask_ids(ids, pixels, max_new_tokens=24)
+    expected = generate(reference, torch.tensor([ids]), torch.from_numpy(pixels), max_new_tokens=24,
+                        stop_ids=set(pipe.manifest.stop_ids))
+    assert tokens == expected
+
+
+def test_two_turn_conversation_equals_pytorch(pipe, reference):
+    """The second turn runs on the caches the first one wrote in place; PyTorch runs it all from scratch."""
+    from hovle_edge.model import generate
+
+    pixels = image_pixels(pipe)
+    chat = pipe.conversation()
+    first_ids = pipe.tokenizer.encode(pipe.template.prompt("what colour is the square?", tiles=len(pixels)), bos=True)
+    first = chat.ask_ids(first_ids, pixels, max_new_tokens=10)
+    second_ids = chat.pending + pipe.tokenizer.encode(pipe.template.user_turn("and the circle?"))
+    history = list(chat.ids)
+    second = chat.ask_ids(second_ids, max_new_tokens=10)
+    stops = set(pipe.manifest.stop_ids)
+    assert first == generate(reference, torch.tensor([first_ids]), torch.from_numpy(pixels), max_new_tokens=10,
+                             stop_ids=stops)
+    assert second == generate(reference, torch.tensor([history + second_ids]), torch.from_numpy(pixels),
+                              max_new_tokens=10, stop_ids=stops)
+
+
+def test_build_refuses_an_onnxruntime_target_folder(ort_export, tmp_path):
+    from hovle_edge.engines.builder import build_engines
+    from hovle_edge.errors import EngineBuildError
+
+    with pytest.raises(EngineBuildError, match="export it again with --target tensorrt"):
+        build_engines(str(ort_export), str(tmp_path / "engines"))
