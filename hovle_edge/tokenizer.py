@@ -36,6 +36,8 @@ class Tokenizer:
         self.byte_ids = {i for token, i in backend.get_vocab().items() if BYTE_TOKEN.fullmatch(token)}
         chat_stops = [self.eos_id, backend.token_to_id(IM_START), backend.token_to_id(IM_END)]
         self.stop_ids = stop_tokens or [i for i in chat_stops if i is not None]
+        self.special_ids = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+        self._plain_backend = None
 
     @classmethod
     def from_dir(cls, directory: str) -> "Tokenizer":
@@ -69,8 +71,40 @@ class Tokenizer:
         return token_id
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        """Ids of `text`. Special-token strings become control ids only where the chat template put
+        them (the control spans of a `Prompt`); anywhere else, as in a user's question, they are text."""
+        ids = self._encode_prompt(text if isinstance(text, Prompt) else Prompt(text))
         return [self.bos_id] + ids if bos and self.add_bos else ids
+
+    def _encode_prompt(self, prompt: "Prompt") -> list[int]:
+        text = str(prompt)
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        tokens = list(zip(encoding.ids, encoding.offsets))
+        controls = set(prompt.controls)
+        forged = [start for token_id, (start, end) in tokens
+                  if token_id in self.special_ids and (start, end) not in controls]
+        if not forged:  # the usual case: exactly the ids of one pass over the whole text
+            return encoding.ids
+        ids = []
+        for start, end, is_control in prompt.segments():
+            if not is_control and any(start <= f < end for f in forged):
+                ids += self._plain_ids(text[start:end])
+            else:  # tokens never cross a control, so this segment's tokens are those that start in it
+                ids += [token_id for token_id, (s, _) in tokens if start <= s < end]
+        return ids
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """`text` with special-token strings split like any other text (by a second backend whose
+        special tokens do not match, so that nothing has to be switched back and forth)."""
+        if self._plain_backend is None:
+            from tokenizers import Tokenizer as Backend
+
+            self._plain_backend = Backend.from_str(self.backend.to_str())
+            self._plain_backend.encode_special_tokens = True
+        ids = self._plain_backend.encode(text, add_special_tokens=False).ids
+        if self.special_ids.intersection(ids):  # a vocabulary whose merges spell a control token
+            raise InputError(f"the text {text[:40]!r} cannot be encoded without control tokens by this tokenizer")
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
@@ -116,34 +150,97 @@ def convert_tokenizer(directory: str) -> str:
     return target
 
 
+class Prompt(str):
+    """Text built by the chat template: a str that also knows the spans of the control tokens the
+    template itself inserted. Only those spans encode to control ids; the same strings in a user's
+    question, a system text or an answer are plain text. Adding a plain str adds plain text."""
+
+    controls: tuple
+
+    def __new__(cls, text: str = "", controls=()):
+        prompt = super().__new__(cls, text)
+        prompt.controls = tuple(controls)
+        return prompt
+
+    @classmethod
+    def control(cls, token: str) -> "Prompt":
+        return cls(token, ((0, len(token)),))
+
+    @classmethod
+    def trusted(cls, text: str) -> "Prompt":
+        """Every special-token string in `text` as a control: for text the program wrote, never a user."""
+        pattern = "|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True))
+        return cls(text, tuple(m.span() for m in re.finditer(pattern, text)))
+
+    def __add__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        shift = len(self)
+        moved = tuple((s + shift, e + shift) for s, e in getattr(other, "controls", ()))
+        return Prompt(str.__add__(self, other), self.controls + moved)
+
+    def __radd__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        return Prompt(other) + self
+
+    def segments(self) -> list[tuple[int, int, bool]]:
+        """(start, end, is_control) runs covering the whole text, in order."""
+        runs, at = [], 0
+        for start, end in sorted(self.controls):
+            if start > at:
+                runs.append((at, start, False))
+            runs.append((start, end, True))
+            at = end
+        if at < len(self):
+            runs.append((at, len(self), False))
+        return runs
+
+
+def join(parts) -> Prompt:
+    """The Prompt of `parts` one after another (str.join would drop the control spans)."""
+    texts, controls, at = [], [], 0
+    for part in parts:
+        controls += [(s + at, e + at) for s, e in getattr(part, "controls", ())]
+        texts.append(part)
+        at += len(part)
+    return Prompt("".join(texts), controls)
+
+
+C = Prompt.control
+
+
 @dataclass
 class ChatTemplate:
-    """internlm2-chat: `<|im_start|>role\\n...<|im_end|>` turns, HoVLE's image block in the user turn."""
+    """internlm2-chat: `<|im_start|>role\\n...<|im_end|>` turns, HoVLE's image block in the user turn.
+    Every method returns a Prompt: user and system text in it stay plain text when encoded."""
 
     tokens_per_tile: int = 256
     system: str | None = INTERNVL_SYSTEM
 
-    def image_block(self, tiles: int) -> str:
-        return IMG_START + IMG_CONTEXT * (tiles * self.tokens_per_tile) + IMG_END
+    def image_block(self, tiles: int) -> Prompt:
+        return join([C(IMG_START)] + [C(IMG_CONTEXT)] * (tiles * self.tokens_per_tile) + [C(IMG_END)])
 
-    def with_image(self, question: str, tiles: int) -> str:
-        """The `<image>` placeholder becomes the image block; without one the block goes first."""
+    def with_image(self, question: str, tiles: int) -> Prompt:
+        """The first `<image>` placeholder becomes the image block; without one the block goes first."""
         if tiles == 0:
-            return question
+            return Prompt(question)
         if IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question
-        return question.replace(IMAGE_PLACEHOLDER, self.image_block(tiles), 1)
+        before, after = question.split(IMAGE_PLACEHOLDER, 1)
+        return before + self.image_block(tiles) + after
 
-    def system_block(self) -> str:
-        return "" if self.system is None else f"{IM_START}system\n{self.system}{IM_END}"
+    def system_block(self) -> Prompt:
+        return Prompt() if self.system is None else C(IM_START) + "system\n" + self.system + C(IM_END)
 
-    def user_turn(self, question: str, tiles: int = 0) -> str:
+    def user_turn(self, question: str, tiles: int = 0) -> Prompt:
         """A user turn and the opening of the assistant's answer."""
-        return f"{IM_START}user\n{self.with_image(question, tiles)}{IM_END}{IM_START}assistant\n"
+        return (C(IM_START) + "user\n" + self.with_image(question, tiles) + C(IM_END) + C(IM_START)
+                + "assistant\n")
 
-    def prompt(self, question: str, tiles: int = 0, history: list[tuple[str, str]] = ()) -> str:
-        """The whole conversation as text: system, earlier (question, answer) turns, the new question."""
-        past = "".join(self.user_turn(q) + a + IM_END for q, a in history)
+    def prompt(self, question: str, tiles: int = 0, history: list[tuple[str, str]] = ()) -> Prompt:
+        """The whole conversation: system, earlier (question, answer) turns, the new question."""
+        past = join(self.user_turn(q) + a + C(IM_END) for q, a in history)
         return self.system_block() + past + self.user_turn(question, tiles)
 
 
