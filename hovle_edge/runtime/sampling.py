@@ -3,6 +3,7 @@ penalty, seeded so that the same seed gives the same text."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +21,28 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise InputError(f"sampling settings out of range: temperature {self.temperature} (>= 0), top_k "
-                             f"{self.top_k} (>= 0), top_p {self.top_p} (0 < p <= 1), repetition_penalty "
-                             f"{self.repetition_penalty} (> 0)")
+        # NaN passes every `<` test, so each number is first checked to be finite (or whole).
+        rules = [("max_new_tokens", _whole, lambda v: v >= 1, ">= 1"),
+                 ("temperature", _finite, lambda v: v >= 0, ">= 0 (0 is greedy)"),
+                 ("top_k", _whole, lambda v: v >= 0, ">= 0 (0 keeps every token)"),
+                 ("top_p", _finite, lambda v: 0 < v <= 1, "in (0, 1]"),
+                 ("repetition_penalty", _finite, lambda v: v > 0, "> 0"),
+                 ("seed", _whole, lambda v: 0 <= v < 2**63, "in [0, 2**63)")]
+        for name, kind, in_range, rule in rules:
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            if not kind(value) or not in_range(value):
+                raise InputError(f"{name} {value!r} is not a usable setting: it must be a "
+                                 f"{'whole' if kind is _whole else 'finite'} number {rule}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Sampler:
