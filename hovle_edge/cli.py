@@ -4,6 +4,7 @@ heavy imports happen inside the command so that `--help` and the runtime stay to
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -22,6 +23,39 @@ class Group(click.Group):
         except HoVLEError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except click.BadParameter as e:  # a value out of range: one line, like our own errors
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
+
+
+class Finite(click.ParamType):
+    """A float that is finite (click's FloatRange lets NaN through) and above `low` (or at it, when
+    `low_open` is false) and at most `high`."""
+
+    name = "number"
+
+    def __init__(self, low: float = 0.0, high: float = float("inf"), low_open: bool = False):
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        number = value if isinstance(value, float) else click.FLOAT.convert(value, param, ctx)
+        above = number > self.low if self.low_open else number >= self.low
+        if not math.isfinite(number) or not above or number > self.high:
+            bound = f"{'>' if self.low_open else '>='} {self.low:g}" + (f" and <= {self.high:g}" if self.high < float("inf") else "")
+            self.fail(f"{value!r} is not a finite number {bound}", param, ctx)
+        return number
+
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+
+
+def in_existing_folder(ctx, param, path):
+    """A file to write: its folder must exist before any work is done."""
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise click.BadParameter(f"{path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist",
+                                 ctx, param)
+    return path
 
 
 @click.group(cls=Group)
@@ -51,7 +85,7 @@ def convert_tokenizer(directory):
 @click.option("--dtype", "precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of weights, activations and KV cache; logits are always fp32.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18, which TensorRT 10.3 parses; 23 adds fused ops).")
-@click.option("--max-context", type=int, default=None, help="Longest conversation in tokens (default: the LLM's max positions).")
+@click.option("--max-context", type=POSITIVE, default=None, help="Longest conversation in tokens (default: the LLM's max positions).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="onnxruntime: ORT's fused ops, KV caches written in place; tensorrt: standard ops that `build` compiles.")
 @click.option("--overwrite", is_flag=True,
@@ -75,7 +109,7 @@ def export(checkpoint, out, precision, opset, max_context, target, overwrite):
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="A real image to check with (default: a drawn one).")
 @click.option("--prompt", default="What is in the image?", show_default=True)
-@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--new-tokens", type=POSITIVE, default=32, show_default=True)
 def verify(checkpoint, model_dir, image, prompt, new_tokens):
     """Compare an exported model folder with its PyTorch checkpoint; exit 1 past the tolerance."""
     from hovle_edge.export.verify import verify_model
@@ -114,12 +148,12 @@ def quantize(model_dir, out, bits, group_size, method, calibration, quantize_hea
 def sampling_options(command):
     """The generation options shared by run, chat and profile."""
     options = [
-        click.option("--max-new-tokens", type=int, default=256, show_default=True),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 keeps every token."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None),
+        click.option("--max-new-tokens", type=POSITIVE, default=256, show_default=True),
+        click.option("--temperature", type=Finite(0.0), default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True, help="0 keeps every token."),
+        click.option("--top-p", type=Finite(0.0, 1.0, low_open=True), default=1.0, show_default=True),
+        click.option("--repetition-penalty", type=Finite(0.0, low_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None),
     ]
     for option in reversed(options):
         command = option(command)
@@ -132,7 +166,7 @@ def backend_options(command):
         click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
                      help="tensorrt runs engines from `hovle-edge build` (then --device cuda)."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True),
-        click.option("--threads", type=int, default=None, help="CPU threads for the backend (default: all cores)."),
+        click.option("--threads", type=POSITIVE, default=None, help="CPU threads for the backend (default: all cores)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -143,7 +177,7 @@ def backend_options(command):
 @backend_options
 @click.option("--prompt", required=True, help="The question; `<image>` marks where the image goes.")
 @click.option("--image", type=click.Path(dir_okay=False), default=None)
-@click.option("--max-tiles", type=int, default=None, help="At most this many image tiles (default: the model's).")
+@click.option("--max-tiles", type=POSITIVE, default=None, help="At most this many image tiles (default: the model's).")
 @click.option("--stream/--no-stream", default=True, show_default=True)
 @sampling_options
 def run(model_dir, backend, device, threads, prompt, image, max_tiles, stream, **sampling):
@@ -315,15 +349,17 @@ def demo(out, quick):
 @click.option("--model", "model_dir", type=click.Path(), default=None, help="A folder made by `hovle-edge export`.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=POSITIVE, default=None)
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="Profile with this image (preprocessing timed).")
-@click.option("--tiles", type=int, default=None, help="Or: this many random tiles through the vision graph.")
-@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Text tokens of the prompt.")
-@click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens generated per run (stop tokens ignored).")
-@click.option("--runs", type=int, default=5, show_default=True)
-@click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every raw timing here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG here (needs matplotlib).")
+@click.option("--tiles", type=POSITIVE, default=None, help="Or: this many random tiles through the vision graph.")
+@click.option("--prompt-tokens", type=POSITIVE, default=128, show_default=True, help="Text tokens of the prompt.")
+@click.option("--new-tokens", type=POSITIVE, default=64, show_default=True, help="Tokens generated per run (stop tokens ignored).")
+@click.option("--runs", type=POSITIVE, default=5, show_default=True)
+@click.option("--warmup", type=NON_NEGATIVE, default=1, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=in_existing_folder,
+              help="Write every raw timing here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, callback=in_existing_folder,
+              help="Write a PNG here (needs matplotlib).")
 @click.option("--sweep", default=None, help="prompt-tokens=128,512,2048 or tiles=1,4,12 or new-tokens=...")
 @click.option("--roofline-only", is_flag=True, help="Only the decode bound from the model's numbers; runs nothing.")
 @click.option("--device-model", default=None, help="A device for the roofline: orin-nano, orin-nx, orin-agx, thor, "
@@ -340,6 +376,8 @@ def profile(model_dir, backend, device, threads, image, tiles, prompt_tokens, ne
         context_list = [int(c) for c in contexts.split(",")]
     except ValueError:
         raise click.BadParameter("whole numbers separated by commas", param_hint="--contexts")
+    if min(context_list) < 1:
+        raise click.BadParameter(f"{contexts}: every context must be at least 1 token", param_hint="--contexts")
     click.echo(run_profile(model_dir, backend, device, threads, image, tiles, prompt_tokens, new_tokens, runs, warmup,
                            json_path, plot_path, sweep, roofline_only, device_model, preset, context_list))
 
@@ -350,10 +388,10 @@ def profile(model_dir, backend, device, threads, image, tiles, prompt_tokens, ne
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The engine folder to write.")
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="fp16 by builder flag on TensorRT 10; strongly typed builds (11, RTX) take the export's precision.")
-@click.option("--max-context", type=int, default=None, help="Longest conversation (default: the export's).")
-@click.option("--max-prompt", type=int, default=None, help="Longest prefill (default: the context).")
-@click.option("--max-tiles", type=int, default=None, help="Most image tiles at once (default: the model's, with thumbnail).")
-@click.option("--max-batch", type=int, default=1, show_default=True)
+@click.option("--max-context", type=POSITIVE, default=None, help="Longest conversation (default: the export's).")
+@click.option("--max-prompt", type=POSITIVE, default=None, help="Longest prefill (default: the context).")
+@click.option("--max-tiles", type=POSITIVE, default=None, help="Most image tiles at once (default: the model's, with thumbnail).")
+@click.option("--max-batch", type=POSITIVE, default=1, show_default=True)
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="Read and update this timing cache.")
 @click.option("--workspace", type=float, default=4.0, show_default=True, help="Builder workspace in GiB.")
 @click.option("--flavour", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
