@@ -5,8 +5,11 @@ the official `config.json` (keys as in the OpenGVLab/HoVLE checkpoint). Unknown 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,14 +17,49 @@ from hovle_edge.errors import ConfigError
 from hovle_edge.files import read_json
 
 
+# Keys of the official config.json and of Hugging Face configs that change nothing here; any other
+# unknown key is kept in `extra` but warned about, since it is most likely a misspelt setting.
+UNUSED_KEYS = {"architectures", "auto_map", "model_type", "torch_dtype", "transformers_version", "use_cache",
+               "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "attn_implementation",
+               "special_token_maps", "system_message", "use_flash_attn", "pretraining_tp", "output_attentions",
+               "output_hidden_states", "return_dict", "tie_word_embeddings", "hidden_act"}
+# Values checked by the kind their field declares. Sizes must be at least 1; these may be less.
+KINDS = {"int": "a whole number", "float": "a finite number", "bool": "true or false", "str": "a string",
+         "int | None": "a whole number or null", "list": "a list"}
+NOT_SIZES = {"select_layer": None, "use_backbone_lora": 0, "use_llm_lora": 0, "img_context_token_id": 0}
+
+
+def _is_kind(value, kind: str) -> bool:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    return {"int": whole, "int | None": value is None or whole, "bool": isinstance(value, bool),
+            "float": whole or isinstance(value, float) and math.isfinite(value), "str": isinstance(value, str),
+            "list": isinstance(value, list)}.get(kind, True)
+
+
 def config_from_dict(cls, data: dict, where: str):
-    """Build dataclass `cls` from `data`: required keys checked, unknown keys kept in `extra`."""
+    """Build dataclass `cls` from `data`: required keys present, every known value of its field's kind
+    and sizes at least 1 (a "2" or a 0 would fail later, deep in the model), unknown keys kept in
+    `extra` with a warning."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object of settings, got {type(data).__name__} {data!r:.60}")
     missing = [k for k in cls.REQUIRED if k not in data]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
-    known = {k: v for k, v in data.items() if k in names}
-    extra = {k: v for k, v in data.items() if k not in names}
+    fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "extra"}
+    for key, value in data.items():
+        kind = fields.get(key)
+        if kind in KINDS and not _is_kind(value, kind):
+            raise ConfigError(f"{where}: {key} is {value!r}; it must be {KINDS[kind]}")
+        low = NOT_SIZES.get(key, 1) if kind in ("int", "float", "int | None") else None
+        if low is not None and value is not None and (value < low if kind != "float" else value <= 0):
+            raise ConfigError(f"{where}: {key} is {value!r}; it must be {'> 0' if kind == 'float' else f'>= {low}'}")
+    for key in data:
+        if key not in fields and key not in UNUSED_KEYS and not key.startswith("_"):
+            guess = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            warnings.warn(f"{where}: unknown key {key!r} is ignored{hint}", stacklevel=2)
+    known = {k: v for k, v in data.items() if k in fields}
+    extra = {k: v for k, v in data.items() if k not in fields}
     return cls(**known, extra=extra)
 
 
@@ -152,10 +190,13 @@ class HoVLEConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.embedding_config, dict):
+        if not isinstance(self.embedding_config, EmbeddingConfig):  # a dict, or a wrong kind that says so
             self.embedding_config = config_from_dict(EmbeddingConfig, self.embedding_config, "embedding_config")
-        if isinstance(self.llm_config, dict):
+        if not isinstance(self.llm_config, LLMConfig):
             self.llm_config = config_from_dict(LLMConfig, self.llm_config, "llm_config")
+        if self.min_dynamic_patch > self.max_dynamic_patch:
+            raise ConfigError(f"min_dynamic_patch {self.min_dynamic_patch} is more than max_dynamic_patch "
+                              f"{self.max_dynamic_patch}")
         emb, llm = self.embedding_config, self.llm_config
         if emb.llm_hidden_size != llm.hidden_size or emb.llm_vocab_size != llm.vocab_size:
             raise ConfigError(f"embedding_config (hidden {emb.llm_hidden_size}, vocab {emb.llm_vocab_size}) "
@@ -177,6 +218,10 @@ class HoVLEConfig:
         try:
             return config_from_dict(cls, data, where)
         except TypeError as e:  # a value of the wrong kind, e.g. a list where a dict belongs
+            raise ConfigError(f"{where}: {e}") from e
+        except ConfigError as e:  # raised inside embedding_config or llm_config: name the file too
+            if str(e).startswith(where):
+                raise
             raise ConfigError(f"{where}: {e}") from e
 
     def to_dict(self) -> dict:
