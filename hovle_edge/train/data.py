@@ -20,19 +20,45 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """Records of a JSONL file, each checked (check_record) so that a bad line is named up front,
+    not met as a traceback at the training step that draws it."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such data file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as e:
-                    raise InputError(f"{path}:{number}: not a JSON line ({e})") from e
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except ValueError as e:
+                        raise InputError(f"{path}:{number}: not a JSON line ({e})") from e
+                    check_record(record, f"{path}:{number}")
+                    records.append(record)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e})") from e
     if not records:
         raise InputError(f"{path}: no records")
     return records
+
+
+def check_record(record, where: str) -> None:
+    """An image-caption record {"image"?, "text"} or a conversation {"image"?, "conversations":
+    [{"from", "value"}, ...]}, with strings where strings belong."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "image" in record and not isinstance(record["image"], str):
+        raise InputError(f"{where}: 'image' must be a path string, got {record['image']!r:.60}")
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns or not all(
+                isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in turns):
+            raise InputError(f"{where}: 'conversations' must be a non-empty list of {{\"from\": str, \"value\": str}}")
+    elif "text" in record:
+        if not isinstance(record["text"], str):
+            raise InputError(f"{where}: 'text' must be a string, got {record['text']!r:.60}")
+    else:
+        raise InputError(f"{where}: a record needs 'conversations' or 'text' (keys: {', '.join(record) or 'none'})")
 
 
 def image_files(folder: str) -> list[str]:
@@ -79,10 +105,8 @@ class Examples:
         tiles = 0 if pixels is None else len(pixels)
         if "conversations" in record:
             ids, labels = encode_chat(self.tokenizer, self.template, record["conversations"], tiles, self.system)
-        elif "text" in record:
+        else:  # read_jsonl let through only records with one or the other
             ids, labels = encode_caption(self.tokenizer, self.template, record["text"], tiles)
-        else:
-            raise InputError(f"record {index}: needs 'conversations' or 'text' (keys: {', '.join(record)})")
         return ids, labels, pixels
 
 
