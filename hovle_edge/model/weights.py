@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hovle_edge.config import HoVLEConfig
-from hovle_edge.errors import CheckpointError
+from hovle_edge.errors import CheckpointError, ModelFolderError
+from hovle_edge.files import resolve_inside
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -30,13 +31,18 @@ def checkpoint_files(directory: str) -> list[str]:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
         names = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
         names = [SINGLE_FILE]
     else:
         raise CheckpointError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE} is there "
                               f"(found: {', '.join(sorted(os.listdir(directory))) or 'nothing'})")
-    paths = [os.path.join(directory, name) for name in names]
+    try:  # a shard named `../x` or `/x` would be read from outside the checkpoint
+        paths = [resolve_inside(directory, name, f"{index_path} weight_map") for name in names]
+    except ModelFolderError as e:
+        raise CheckpointError(str(e)) from e
     for path in paths:
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: shard named in {INDEX_FILE} is missing")
