@@ -9,6 +9,7 @@ import json
 import os
 
 from hovle_edge.errors import ModelFolderError
+from hovle_edge.files import resolve_inside
 
 ENGINES = "engines.json"
 ENGINES_FORMAT = "hovle-edge/engines"
@@ -37,6 +38,11 @@ def read_engines(directory: str) -> dict:
     if data.get("format") != ENGINES_FORMAT or data.get("version") != ENGINES_VERSION:
         raise ModelFolderError(f"{path}: engines of format {data.get('format')} v{data.get('version')}; this hovle-edge "
                                f"reads {ENGINES_FORMAT} v{ENGINES_VERSION}: rebuild them")
+    engines = data.get("engines")
+    if not isinstance(engines, dict) or not all(isinstance(entry, dict) for entry in engines.values()):
+        raise ModelFolderError(f"{path}: no 'engines' object of graph entries; rebuild them")
+    for graph, entry in engines.items():  # an engine named `../x` or `/x` would be read from elsewhere
+        resolve_inside(directory, entry.get("file"), f"{path} engines.{graph}.file")
     return data
 
 
