@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from hovle_edge import __version__
 from hovle_edge.errors import ModelFolderError
-from hovle_edge.files import read_json, sha256_file
+from hovle_edge.files import read_json, resolve_inside
+from hovle_edge.verified_hashes import VerifiedHashes
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "hovle-edge/onnx"
@@ -153,24 +154,30 @@ class Manifest:
         return Stack(**self.data["model"]["stacks"][name])
 
     def graph_path(self, name: str) -> str:
-        return os.path.join(self.directory, self.data["graphs"][name]["file"])
+        return resolve_inside(self.directory, self.data["graphs"][name]["file"], f"{MANIFEST} graphs.{name}.file")
 
     def graph_io(self, name: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
         graph = self.data["graphs"][name]
         return ([TensorSpec.from_json(t) for t in graph["inputs"]], [TensorSpec.from_json(t) for t in graph["outputs"]])
 
-    def verify_files(self, graphs: bool = True) -> None:
-        """Every file the manifest lists exists and has the hash it had at export (with graphs=False,
-        the ONNX graphs are skipped: an engine folder carries engines instead)."""
-        for name, expected in self.data["files"].items():
-            if not graphs and (name.endswith(".onnx") or name.endswith(".onnx.data")):
-                continue
-            path = os.path.join(self.directory, name)
-            if not os.path.isfile(path):
-                raise ModelFolderError(f"{path}: listed in {MANIFEST} but missing")
-            if sha256_file(path) != expected:
-                raise ModelFolderError(f"{path}: sha256 does not match {MANIFEST}; the file changed after "
-                                       "export (re-export the model)")
+    def verify_files(self, graphs: bool = True, remembered: bool = True) -> None:
+        """Every file the manifest lists lies inside the folder, exists and has the hash it had at
+        export (with graphs=False, the ONNX graphs are skipped: an engine folder carries engines
+        instead). A file unchanged since this machine last hashed it is not read again, unless
+        remembered=False (`hovle-edge verify`): see verified_hashes.py."""
+        hashes = VerifiedHashes(self.directory)
+        try:
+            for name, expected in self.data["files"].items():
+                if not graphs and (name.endswith(".onnx") or name.endswith(".onnx.data")):
+                    continue
+                path = resolve_inside(self.directory, name, f"{MANIFEST} files")
+                if not os.path.isfile(path):
+                    raise ModelFolderError(f"{path}: listed in {MANIFEST} but missing")
+                if hashes.sha256(path, remembered) != expected:
+                    raise ModelFolderError(f"{path}: sha256 does not match {MANIFEST}; the file changed after "
+                                           "export (re-export the model)")
+        finally:
+            hashes.save()
 
 
 def write_manifest(directory: str, data: dict) -> None:
@@ -179,7 +186,54 @@ def write_manifest(directory: str, data: dict) -> None:
         f.write("\n")
 
 
+MAX_CONTEXT_LIMIT = 1 << 20  # far past any HoVLE's positions; a larger number is a damaged manifest
+
+
+def check_manifest(data: dict, path: str) -> None:
+    """The parts of a manifest that the runtime reads are there and of the right kind, so that a
+    damaged or hand-edited manifest is one sentence here, not a KeyError in the middle of a run."""
+
+    def fail(what: str):
+        raise ModelFolderError(f"{path}: {what}; re-export the model")
+
+    def whole(value, high=None) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and (high is None or value <= high)
+
+    for key in ("graphs", "model", "files", "tokens", "chat", "kv"):
+        if not isinstance(data.get(key), dict):
+            fail(f"{key!r} is missing or not an object")
+    files = data["files"]
+    if not all(isinstance(name, str) and isinstance(digest, str) for name, digest in files.items()):
+        fail("'files' must map file names to sha256 strings")
+    for name in GRAPHS:
+        graph = data["graphs"].get(name)
+        if not isinstance(graph, dict) or not isinstance(graph.get("inputs"), list) or \
+                not isinstance(graph.get("outputs"), list):
+            fail(f"graphs.{name} is missing or has no inputs and outputs")
+        for part in [graph.get("file")] + list(graph.get("files", [])):
+            if part not in files:  # a graph that is never hashed must never be loaded
+                fail(f"graphs.{name} names {part!r}, which is not among the files it hashes")
+    model = data["model"]
+    for key in ("hidden", "vocab", "image_size", "patch_size", "tokens_per_tile", "min_tiles", "max_tiles"):
+        if not whole(model.get(key)):
+            fail(f"model.{key} is {model.get(key)!r}, not a whole number >= 1")
+    stacks = model.get("stacks") if isinstance(model.get("stacks"), dict) else {}
+    fields = sorted(Stack.__dataclass_fields__)
+    for name in ("embedding", "llm"):
+        numbers = stacks.get(name)
+        if not isinstance(numbers, dict) or sorted(numbers) != fields or not all(map(whole, numbers.values())):
+            fail(f"model.stacks.{name} is missing or not {', '.join(fields)} as whole numbers >= 1")
+    if not whole(data.get("max_context"), MAX_CONTEXT_LIMIT):
+        fail(f"max_context {data.get('max_context')!r} is not a whole number from 1 to {MAX_CONTEXT_LIMIT}")
+    stop_ids = data["tokens"].get("stop_ids")
+    if not isinstance(stop_ids, list) or not all(isinstance(i, int) and 0 <= i < model["vocab"] for i in stop_ids):
+        fail(f"tokens.stop_ids {stop_ids!r} are not ids of the vocabulary")
+    if data["kv"].get("present") not in KV_PRESENT_MODES:
+        fail(f"kv.present {data['kv'].get('present')!r} is not one of {', '.join(KV_PRESENT_MODES)}")
+
+
 def load_manifest(directory: str, verify: bool = True) -> Manifest:
+    """The manifest of a model folder, checked; with `verify`, every file re-hashed from disk."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
         raise ModelFolderError(f"{directory}: no such model folder")
@@ -192,7 +246,8 @@ def load_manifest(directory: str, verify: bool = True) -> Manifest:
         raise ModelFolderError(f"{path}: manifest version {data.get('manifest_version')} was written by hovle-edge "
                                f"{data.get('exporter_version')}; this is {__version__}, which reads version "
                                f"{MANIFEST_VERSION}: re-export the model")
+    check_manifest(data, path)
     manifest = Manifest(directory, data)
     if verify:
-        manifest.verify_files()
+        manifest.verify_files(remembered=False)
     return manifest
