@@ -73,6 +73,11 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Ids of `text`. Special-token strings become control ids only where the chat template put
         them (the control spans of a `Prompt`); anywhere else, as in a user's question, they are text."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that were not UTF-8, kept as surrogates by the OS layer
+            raise InputError(f"the text is not valid UTF-8 (character {e.start}: {text[e.start:e.end]!r}); "
+                             "give the prompt as UTF-8 text") from e
         ids = self._encode_prompt(text if isinstance(text, Prompt) else Prompt(text))
         return [self.bos_id] + ids if bos and self.add_bos else ids
 

@@ -6,6 +6,9 @@ import os
 
 from hovle_edge.errors import InputError
 
+# Fewer free slots than this cannot hold a user turn's template and a short question and answer.
+NEXT_TURN_TOKENS = 16
+
 
 def chat_loop(pipe, image, sampling: dict, read, write) -> None:
     """`read()` returns the user's next line (EOFError ends); `write(text, nl=...)` shows output."""
@@ -39,3 +42,7 @@ def chat_loop(pipe, image, sampling: dict, read, write) -> None:
         except InputError as e:
             write(f"error: {e}")
         image = None  # an image belongs to the turn it was given for
+        cache = conversation.cache
+        if cache.room() < NEXT_TURN_TOKENS:  # every later question would fail: say so, and the way on
+            write(f"(the conversation fills {cache.length} of its {cache.capacity} tokens of context: "
+                  "type /reset to start a new one)")
