@@ -146,14 +146,14 @@ class OnnxRuntimeBackend:
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        bound = [n for n in self.outputs[graph] if not (in_place and n.startswith("present."))]
+        for name in bound:  # first: get_outputs() lists the outputs in the order they were bound
+            on_gpu = self.on_device and (name in device_outputs or name.startswith("present."))
+            binding.bind_output(name, "cuda" if on_gpu else "cpu")
         for name, buffer in (kv or {}).items():
             binding.bind_ortvalue_input(name, self._ortvalue(buffer))
             if in_place:  # the same memory as past and present: the graph writes the new rows itself
                 binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), self._ortvalue(buffer))
-        bound = [n for n in self.outputs[graph] if not (in_place and n.startswith("present."))]
-        for name in bound:
-            on_gpu = self.on_device and (name in device_outputs or name.startswith("present."))
-            binding.bind_output(name, "cuda" if on_gpu else "cpu")
         session.run_with_iobinding(binding)
         values = {}
         for name, value in zip(bound, binding.get_outputs()):
