@@ -35,14 +35,16 @@ def chat_loop(pipe, image, sampling: dict, read, write) -> None:
             image = path
             write(f"(next question is about {path})")
             continue
+        failed = False
         try:
             for piece in conversation.ask(line, image, **sampling):
                 write(piece, nl=False)
             write("")
         except InputError as e:
             write(f"error: {e}")
+            failed = True
         image = None  # an image belongs to the turn it was given for
         cache = conversation.cache
-        if cache.room() < NEXT_TURN_TOKENS:  # every later question would fail: say so, and the way on
-            write(f"(the conversation fills {cache.length} of its {cache.capacity} tokens of context: "
+        if cache.room() < NEXT_TURN_TOKENS or failed and cache.length:  # later questions may all fail: the way on
+            write(f"(the conversation holds {cache.length} of its {cache.capacity} tokens of context; "
                   "type /reset to start a new one)")
