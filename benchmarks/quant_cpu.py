@@ -1,0 +1,91 @@
+"""Weight-only quantization on ONNX Runtime CPU, side by side in one run, same weights: decode
+tokens/s of the float export and of its int8 and int4 folders (`hovle-edge quantize`, round to
+nearest, group 128) at several contexts, and each folder's bytes.
+
+    python benchmarks/quant_cpu.py [--size w1024] [--contexts 128,512,2048] [--steps 32] [--work DIR]
+
+Target (issue 19): int4 well above 2x fp32 where decode is bound by reading weights."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import SIZES, prepared  # noqa: E402
+
+from hovle_edge.quantize import QuantizeSettings, quantize_model  # noqa: E402
+from hovle_edge.runtime import Pipeline  # noqa: E402
+from hovle_edge.spec import load_manifest  # noqa: E402
+
+# name: settings (None: the float export itself)
+VARIANTS = {
+    "fp32": None,
+    "int8": QuantizeSettings(bits=8, group_size=128, held_out_prompts=0),
+    "int4": QuantizeSettings(bits=4, group_size=128, held_out_prompts=0),
+    "int4 acc4": QuantizeSettings(bits=4, group_size=128, held_out_prompts=0, accuracy_level=4),
+}
+
+
+def folder_bytes(model_dir: str) -> int:
+    manifest = load_manifest(model_dir, verify=False)
+    return sum(os.path.getsize(os.path.join(model_dir, f)) for f in manifest.data["files"])
+
+
+def decode_tokens_per_s(pipe: Pipeline, ids: list[int], steps: int) -> float:
+    """Median decode step after a prefill of `ids`, as tokens/s (greedy, stop tokens ignored)."""
+    cache = pipe.new_cache(capacity=len(ids) + steps + 1)
+    token = int(np.argmax(pipe.prefill(cache, ids, None)))
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        token = int(np.argmax(pipe.decode_step(cache, token)))
+        times.append(time.perf_counter() - started)
+    return 1.0 / statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="w1024")
+    parser.add_argument("--contexts", default="128,512,2048")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps timed per context and model")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--work", default=os.path.join("benchmarks", ".work"))
+    args = parser.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    _, float_dir = prepared(args.size, args.work)
+    _, half_dir = prepared(args.size, args.work, precision="fp16")
+    folders = {}
+    for name, settings in VARIANTS.items():
+        folders[name] = float_dir if settings is None else os.path.join(args.work, f"{args.size}-{name.replace(' ', '-')}")
+        if settings is not None and not os.path.isfile(os.path.join(folders[name], "manifest.json")):
+            quantize_model(float_dir, folders[name], settings, overwrite=True, log=lambda line: None)
+    manifest = load_manifest(float_dir, verify=False)
+    vocab, image_context = manifest.model["vocab"], manifest.data["tokens"]["img_context"]
+    rng = np.random.default_rng(0)
+    prompts = {c: [int(i) + (int(i) == image_context) for i in rng.integers(20, vocab - 1, c)] for c in contexts}
+    speed = {}
+    for name, folder in folders.items():
+        with Pipeline.from_dir(folder, threads=args.threads) as pipe:
+            speed[name] = {c: decode_tokens_per_s(pipe, prompts[c], args.steps) for c in contexts}
+    width, layers = SIZES[args.size][0], SIZES[args.size][1]
+    print(f"model {args.size}: width {width}, {layers} + {layers} layers; ONNX Runtime CPU, "
+          f"{args.threads or 'default'} threads; median decode step as tokens/s; group 128, round to nearest")
+    names = list(folders)
+    print(f"{'context':>8}" + "".join(f"{n:>11}" for n in names) + "".join(f"{n + ' x':>13}" for n in names[1:]))
+    for c in contexts:
+        cells = "".join(f"{speed[n][c]:>11.1f}" for n in names)
+        ratios = "".join(f"{speed[n][c] / speed['fp32'][c]:>12.2f}x" for n in names[1:])
+        print(f"{c:>8}{cells}{ratios}")
+    sizes = {"fp32": folder_bytes(float_dir), "fp16": folder_bytes(half_dir),
+             **{n: folder_bytes(folders[n]) for n in names[1:]}}
+    print("folder MiB: " + ", ".join(f"{n} {b / 2**20:.1f}" for n, b in sizes.items()))
+
+
+if __name__ == "__main__":
+    main()
