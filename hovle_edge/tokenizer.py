@@ -90,12 +90,16 @@ class Tokenizer:
                   if token_id in self.special_ids and (start, end) not in controls]
         if not forged:  # the usual case: exactly the ids of one pass over the whole text
             return encoding.ids
-        ids = []
+        ids, at = [], 0
         for start, end, is_control in prompt.segments():
-            if not is_control and any(start <= f < end for f in forged):
+            inside = []  # tokens never cross a control: a segment's tokens are those that start in it
+            while at < len(tokens) and tokens[at][1][0] < end:
+                inside.append(tokens[at][0])
+                at += 1
+            if not is_control and self.special_ids.intersection(inside):
                 ids += self._plain_ids(text[start:end])
-            else:  # tokens never cross a control, so this segment's tokens are those that start in it
-                ids += [token_id for token_id, (s, _) in tokens if start <= s < end]
+            else:
+                ids += inside
         return ids
 
     def _plain_ids(self, text: str) -> list[int]:
