@@ -51,8 +51,10 @@ class QuantizedWeight:
         return self.codes.size * self.bits // 8 + self.scales.nbytes
 
 
-def quantize_weight(weight: np.ndarray, bits: int, group_size: int, what: str = "the weight") -> QuantizedWeight:
-    """Round-to-nearest, symmetric, one scale per block of `group_size` rows and per column."""
+def quantize_weight(weight: np.ndarray, bits: int, group_size: int, what: str = "the weight",
+                    clip: np.ndarray | None = None) -> QuantizedWeight:
+    """Round-to-nearest, symmetric, one scale per block of `group_size` rows and per column. `clip`
+    [K // g, N] (at most 1) shrinks each block's range: its largest values saturate, the rest round finer."""
     if bits not in BITS:
         raise InputError(f"--bits {bits}: choose 4 or 8")
     rows, cols = weight.shape
@@ -60,6 +62,8 @@ def quantize_weight(weight: np.ndarray, bits: int, group_size: int, what: str = 
     qmax = 2 ** (bits - 1) - 1
     blocks = weight.astype(np.float32).reshape(rows // group_size, group_size, cols)
     largest = np.abs(blocks).max(axis=1)  # [K // g, N]
+    if clip is not None:
+        largest = largest * clip
     # Scales are rounded to the stored dtype first, so that codes are chosen for the scale the graph uses.
     scales = np.where(largest > 0, largest / qmax, 1.0).astype(weight.dtype)
     codes = np.clip(np.rint(blocks / scales.astype(np.float32)[:, None, :]), -qmax, qmax).astype(np.int8)

@@ -19,7 +19,7 @@ from hovle_edge import spec
 from hovle_edge.errors import InputError, ModelFolderError
 from hovle_edge.files import atomic_directory, sha256_file
 from hovle_edge.quantize.agreement import measure_agreement
-from hovle_edge.quantize.awq import search_scale
+from hovle_edge.quantize.awq import output_error, rows_for_search, search_clip, search_scale
 from hovle_edge.quantize.blocks import BITS, check_group_size
 from hovle_edge.quantize.calibration import HELD_OUT_SEED, calibration_samples, collect_activations, folder_samples
 from hovle_edge.quantize.graph import TARGETS, default_opset, rewrite, weight_matmuls
@@ -67,12 +67,12 @@ def quantize_model(model_dir: str, out: str, settings: QuantizeSettings, overwri
             check_group_size(matmul.shape[0], settings.group_size, f"{graph}.onnx MatMul {matmul.node.name} "
                              f"(weight {matmul.weight.name}, {matmul.shape[0]} x {matmul.shape[1]})")
     calibration, held_out = split_prompts(settings)
-    scales = activation_scales(source, models, chosen, calibration, settings, log) if settings.method == "awq" else {}
+    scales, clips = activation_scales(source, chosen, calibration, settings, log) if settings.method == "awq" else ({}, {})
     with atomic_directory(out, overwrite=overwrite) as tmp:
         reports = {}
         for graph in QUANTIZED_GRAPHS:
             reports[graph] = rewrite(models[graph], chosen[graph], settings.bits, settings.group_size, settings.target,
-                                     scales.get(graph), settings.accuracy_level)
+                                     scales.get(graph), clips.get(graph), settings.accuracy_level)
             onnx.save_model(models[graph], os.path.join(tmp, f"{graph}.onnx"), save_as_external_data=True,
                             location=f"{graph}.onnx.data", size_threshold=1024)
             log(f"{graph}.onnx: {reports[graph].matmuls} MatMuls to {settings.bits} bits "
@@ -110,29 +110,36 @@ def split_prompts(settings: QuantizeSettings) -> tuple[list, list]:
     return prompts[:len(prompts) - held][:settings.calibration_prompts], prompts[len(prompts) - held:]
 
 
-def activation_scales(source, models: dict, chosen: dict, calibration: list, settings: QuantizeSettings,
-                      log) -> dict[str, dict[str, np.ndarray]]:
-    """{graph: {activation name: s}}: one scale per input tensor, searched over every MatMul reading it
-    (fused wqkv alone; gate and up together), so one Mul serves them all."""
+def activation_scales(source, chosen: dict, calibration: list, settings: QuantizeSettings, log) -> tuple[dict, dict]:
+    """({graph: {activation name: s}}, {graph: {weight name: clip}}): one scale per input tensor,
+    searched over every MatMul reading it (fused wqkv alone; gate and up together), so one Mul serves
+    them all; then each block's clipping ratio."""
     from onnx import numpy_helper
 
     wanted = {graph: sorted({m.activation for m in chosen[graph]}) for graph in QUANTIZED_GRAPHS}
     log(f"calibration: {len(calibration)} prompts through {source.directory}")
     activations = collect_activations(source, calibration, wanted)
-    scales, rtn_errors, awq_errors = {}, [], []
+    scales, clips, ratios = {}, {}, []
     for graph in QUANTIZED_GRAPHS:
-        scales[graph] = {}
+        scales[graph], clips[graph] = {}, {}
         for name in wanted[graph]:
-            weights = [numpy_helper.to_array(m.weight) for m in chosen[graph] if m.activation == name]
-            choice = search_scale(np.concatenate(weights, axis=1), activations[graph][name], settings.bits,
-                                  settings.group_size)
+            readers = [m for m in chosen[graph] if m.activation == name]
+            weight = np.concatenate([numpy_helper.to_array(m.weight) for m in readers], axis=1).astype(np.float32)
+            rows = activations[graph][name]
+            choice = search_scale(weight, rows, settings.bits, settings.group_size)
+            clip = search_clip(weight * choice.scale[:, None], rows / choice.scale, settings.bits, settings.group_size)
             scales[graph][name] = choice.scale
-            rtn_errors.append(choice.rtn_error)
-            awq_errors.append(choice.error)
-    ratio = np.mean([a / r for a, r in zip(awq_errors, rtn_errors) if r > 0])
-    log(f"activation-aware scales for {len(awq_errors)} inputs: output error {100 * ratio:.1f}% of "
-        "round-to-nearest's on average")
-    return scales
+            start = 0
+            for m in readers:
+                clips[graph][m.weight.name] = clip[:, start:start + m.shape[1]]
+                start += m.shape[1]
+            sample = rows_for_search(rows)
+            error = output_error(sample, weight, sample @ weight, choice.scale, settings.bits, settings.group_size, clip)
+            if choice.rtn_error > 0:
+                ratios.append(error / choice.rtn_error)
+    log(f"activation-aware scales and clipping for {len(ratios)} inputs: output error {100 * np.mean(ratios):.1f}% "
+        "of round-to-nearest's on average")
+    return scales, clips
 
 
 def copy_other_files(source, directory: str) -> None:

@@ -61,10 +61,12 @@ def weight_matmuls(model, vocab: int, quantize_head: bool) -> tuple[list[WeightM
 
 
 def rewrite(model, matmuls: list[WeightMatMul], bits: int, group_size: int, target: str,
-            input_scales: dict[str, np.ndarray] | None = None, accuracy_level: int = 0) -> GraphReport:
+            input_scales: dict[str, np.ndarray] | None = None, clips: dict[str, np.ndarray] | None = None,
+            accuracy_level: int = 0) -> GraphReport:
     """Replace `matmuls` in `model` (in place). `input_scales` maps an activation name to its AWQ
-    scale s [K]; activations not in it are quantized round-to-nearest."""
-    input_scales = input_scales or {}
+    scale s [K] and `clips` a weight name to its blocks' range ratios; without them a weight is
+    quantized round-to-nearest."""
+    input_scales, clips = input_scales or {}, clips or {}
     graph = model.graph
     report = GraphReport()
     replacements, inverse_scaled = {}, {}
@@ -84,7 +86,8 @@ def rewrite(model, matmuls: list[WeightMatMul], bits: int, group_size: int, targ
                 before.append(helper.make_node("Mul", [activation, name], [inverse_scaled[activation]],
                                                name=f"{node.name}/awq_mul"))
             activation = inverse_scaled[activation]
-        quantized = quantize_weight(values, bits, group_size, f"MatMul {node.name} (weight {weight.name})")
+        quantized = quantize_weight(values, bits, group_size, f"MatMul {node.name} (weight {weight.name})",
+                                    clips.get(weight.name))
         nodes, tensors = (matmul_nbits(node, activation, weight.name, quantized, accuracy_level) if target == "onnxruntime"
                           else dequantize_matmul(node, activation, weight.name, quantized))
         replacements[id(node)] = before + nodes
