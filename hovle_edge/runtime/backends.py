@@ -4,19 +4,17 @@ imported only when a backend is made, so the rest of the runtime imports without
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from hovle_edge.errors import HoVLEError
 from hovle_edge.spec import GRAPHS, IN_PLACE, Manifest
+from hovle_edge.runtime.ort_cache import open_session
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
 }
-OPTIMIZED_CACHE = ".ort-optimized"  # optimized graphs are cached here, next to the model
 
 
 class BackendError(HoVLEError):
@@ -56,40 +54,9 @@ class OnnxRuntimeBackend:
             self.sessions[name] = session
 
     def _session(self, manifest: Manifest, name: str, threads: int | None, cache_optimized: bool):
-        """A session for one graph. Its optimized form is cached beside the model, keyed by graph hash,
-        device and onnxruntime version, and loaded without optimizing again next time; when the folder
-        is read-only the model still runs, optimized in memory."""
-        options = self._options(threads)
-        path = manifest.graph_path(name)
-        cached = self._cache_path(manifest, name) if cache_optimized else None
-        if cached and os.path.isfile(cached):
-            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            try:
-                return self.ort.InferenceSession(cached, options, providers=PROVIDERS[self.device])
-            except Exception:  # a cache left broken by an interrupted run: drop it and optimize again
-                for stale in (cached, cached + ".data"):
-                    if os.path.exists(stale):
-                        os.remove(stale)
-                options = self._options(threads)
-        if cached:
-            options.optimized_model_filepath = cached
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                             os.path.basename(cached) + ".data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        return self.ort.InferenceSession(path, options, providers=PROVIDERS[self.device])
-
-    def _cache_path(self, manifest: Manifest, name: str) -> str | None:
-        if self.device == "tensorrt":  # the TensorRT provider keeps its own engine cache
-            return None
-        folder = os.path.join(manifest.directory, OPTIMIZED_CACHE)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError:
-            return None
-        if not os.access(folder, os.W_OK):
-            return None
-        digest = manifest.data["files"][f"{name}.onnx"][:12]
-        return os.path.join(folder, f"{name}.{self.device}.ort{self.ort.__version__}.{digest}.onnx")
+        """A session for one graph, optimized in memory from the hashed graph at every start (ort_cache.py
+        says why no optimized copy is kept on disk; `cache_optimized` is accepted and has no effect)."""
+        return open_session(self.ort, manifest.graph_path(name), self._options(threads), PROVIDERS[self.device])
 
     def _options(self, threads: int | None):
         options = self.ort.SessionOptions()
