@@ -41,6 +41,26 @@ CLI_CASES = [
 ]
 
 
+# Cases that were already refused before issue 20, kept here so that they stay refused.
+ALREADY_REFUSED = [
+    ("empty prompt", ["run", "--model", "{model}", "--prompt", ""]),
+    ("blank prompt", ["run", "--model", "{model}", "--prompt", "   "]),
+    ("missing image", ["run", "--model", "{model}", "--prompt", "hi", "--image", "{missing}/scene.png"]),
+    ("a text file as image", ["run", "--model", "{model}", "--prompt", "hi", "--image", "{not_image}"]),
+    ("more tiles than exported", ["run", "--model", "{model}", "--prompt", "hi", "--image", "{image}", "--max-tiles", "99"]),
+    ("top-p 0", ["run", "--model", "{model}", "--prompt", "hi", "--top-p", "0"]),
+    ("no new tokens", ["run", "--model", "{model}", "--prompt", "hi", "--max-new-tokens", "0"]),
+    ("a prompt longer than the context", ["run", "--model", "{model}", "--prompt", "x " * 3000]),
+    ("missing model folder", ["run", "--model", "{missing}", "--prompt", "hi"]),
+    ("roofline with neither model nor preset", ["profile", "--roofline-only"]),
+    ("unknown roofline device", ["profile", "--roofline-only", "--preset", "tiny", "--device-model", "nosuch"]),
+    ("unknown preset", ["profile", "--roofline-only", "--preset", "nosuch"]),
+    ("a sweep of words", ["profile", "--model", "{model}", "--sweep", "tiles=a,b"]),
+    ("fewer prompt tokens than the template", ["profile", "--model", "{model}", "--prompt-tokens", "3", "--runs", "1"]),
+    ("export of a folder that is no checkpoint", ["export", "--checkpoint", "{empty}", "--out", "{missing}/out"]),
+]
+
+
 @pytest.fixture(scope="module")
 def image_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("images") / "scene.png"
@@ -60,9 +80,12 @@ def assert_one_line_error(result, lines, match: str = ""):
     assert match.lower() in lines[-1].lower(), result.output
 
 
-@pytest.mark.parametrize("what,args", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_cli_refuses_bad_numbers_and_bytes_before_any_work(what, args, tiny_export, image_path, tmp_path):
-    values = {"model": str(tiny_export), "image": image_path, "missing": str(tmp_path / "no-such-folder")}
+@pytest.mark.parametrize("what,args", CLI_CASES + ALREADY_REFUSED, ids=[c[0] for c in CLI_CASES + ALREADY_REFUSED])
+def test_cli_refuses_bad_input_before_any_work(what, args, tiny_export, image_path, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.png").write_text("not an image")
+    values = {"model": str(tiny_export), "image": image_path, "missing": str(tmp_path / "no-such-folder"),
+              "empty": str(tmp_path / "empty"), "not_image": str(tmp_path / "notes.png")}
     assert_one_line_error(*run_cli([a.format(**values) for a in args]))
 
 
