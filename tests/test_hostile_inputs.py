@@ -89,6 +89,14 @@ def test_cli_refuses_bad_input_before_any_work(what, args, tiny_export, image_pa
     assert_one_line_error(*run_cli([a.format(**values) for a in args]))
 
 
+def test_export_into_an_existing_folder_without_overwrite(tiny_checkpoint, tmp_path):
+    # Before: FileExistsError's traceback, after loading the whole model.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert_one_line_error(*run_cli(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "out")]))
+    assert os.listdir(tmp_path / "out") == ["notes.txt"]
+
+
 # --- model folders: a damaged or hostile manifest ------------------------------------------------
 
 @pytest.fixture
