@@ -146,6 +146,22 @@ def test_int8_logits_are_near_the_float_export(tiny_export, tmp_path):
     assert np.abs(expected - got).max() < 0.05 * np.abs(expected).max()
 
 
+def test_onnxruntime_flavour_graphs_quantize_too(tiny_checkpoint, tmp_path):
+    """The onnx.helper graphs (GroupQueryAttention on shared buffers) have the same weight MatMuls."""
+    from hovle_edge.export import export_model
+    from hovle_edge.runtime import Pipeline
+
+    source = export_model(str(tiny_checkpoint), str(tmp_path / "ort"), target="onnxruntime", progress=False)
+    settings = QuantizeSettings(bits=4, group_size=32, held_out_prompts=2, answer_tokens=4)
+    manifest = quantize_model(source.directory, str(tmp_path / "ort-int4"), settings, log=lambda line: None)
+    for graph in ("embedding", "decoder"):
+        kinds = [n.op_type for n in onnx.load(manifest.graph_path(graph), load_external_data=False).graph.node]
+        assert "GroupQueryAttention" in kinds and kinds.count("MatMulNBits") == 10  # 2 layers x (qkv, o, gate, up, down)
+    assert manifest.data["quantization"]["agreement"]["mean_kl"] < 0.1
+    with Pipeline.from_dir(manifest.directory) as pipe:
+        assert isinstance(pipe.generate("what colour is the circle?", max_new_tokens=3), str)
+
+
 def test_tensorrt_form_builds_in_the_real_builder(tiny_export, tmp_path):
     trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX is not installed")
     settings = QuantizeSettings(bits=4, group_size=32, target="tensorrt", quantize_head=True, held_out_prompts=0)
