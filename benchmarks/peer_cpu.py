@@ -1,0 +1,243 @@
+"""hovle-edge against its peers on this CPU, on equal work per token, in one run: the w512 benchmark
+model (8 embedding + 8 LLM layers, width 512, 8 heads, 4 KV heads, MLP 2048, vocab 16384) exported
+for both graph targets, against onnxruntime-genai (its model builder, fp32 and int4) and PyTorch
+(transformers' Llama with its cache) on a random-weight 16-layer Llama of the same widths and vocab.
+
+    python benchmarks/peer_cpu.py [--contexts 128,512,2048] [--new-tokens 64] [--repeats 3] [--work DIR]
+
+Each measurement runs in its own process (so that peak RSS is that engine's alone), engines
+interleaved, repeated; the table shows medians. TTFT is the prompt's prefill to the first token;
+ms/token the median decode step (greedy). Needs `pip install 'hovle-edge[bench]'`.
+
+Targets (issue 18): ms/token at or below genai fp32 at every context, TTFT at or below, step growth
+128 -> 2048 below 1.4x, at least 1.5x PyTorch cached, peak RSS after a 2048 prefill within 1.2x genai's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import SIZES, benchmark_config  # noqa: E402
+
+SIZE = "w512"
+THREADS = 2
+ENGINES = ("hovle-ort", "hovle-trt", "genai-fp32", "genai-int4", "torch")
+
+
+# ---- preparing the models (once, under --work) ----
+
+def llama_folder(work: str) -> str:
+    """A random-weight Hugging Face Llama with the w512 model's widths and 16 layers, with a tokenizer
+    (the genai builder reads one; the benchmark feeds ids)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from hovle_edge.train.shapes import world_tokenizer
+
+    folder = os.path.join(work, f"llama-{SIZE}")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    width, layers, heads, kv_heads, mlp, vocab = SIZES[SIZE]
+    config = LlamaConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=2 * layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    world = os.path.join(work, "world-tokenizer")
+    os.makedirs(world, exist_ok=True)
+    world_tokenizer().save(world)
+    PreTrainedTokenizerFast(tokenizer_file=os.path.join(world, "tokenizer.json"), bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+def genai_folder(work: str, precision: str) -> str:
+    """onnxruntime-genai's own build of the Llama for CPU (`-p fp32|int4 -e cpu`), with 2 threads."""
+    folder = os.path.join(work, f"genai-{SIZE}-{precision}")
+    config = os.path.join(folder, "genai_config.json")
+    if not os.path.isfile(config):
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", llama_folder(work),
+                        "-o", folder, "-p", precision, "-e", "cpu", "-c", os.path.join(work, "genai-cache")],
+                       check=True, stdout=subprocess.DEVNULL)
+        with open(config) as f:
+            data = json.load(f)
+        data["model"]["decoder"]["session_options"]["intra_op_num_threads"] = THREADS
+        with open(config, "w") as f:
+            json.dump(data, f, indent=2)
+    return folder
+
+
+def hovle_folder(work: str, target: str) -> str:
+    """The w512 checkpoint (benchmarks/models.py, whose own export is the tensorrt target) exported for `target`."""
+    from models import prepared
+
+    from hovle_edge.export import export_model
+
+    checkpoint, tensorrt_folder = prepared(SIZE, work)
+    if target == "tensorrt":
+        return tensorrt_folder
+    folder = os.path.join(work, f"{SIZE}-fp32-{target}")
+    if not os.path.isfile(os.path.join(folder, "manifest.json")):
+        export_model(checkpoint, folder, precision="fp32", max_context=4096, target=target, overwrite=True,
+                     progress=False)
+    return folder
+
+
+# ---- one measurement, in its own process ----
+
+def prompt_ids(context: int) -> list[int]:
+    """The same random prompt for every engine (no image-context id among them)."""
+    config = benchmark_config(SIZE)
+    ids = np.random.default_rng(context).integers(20, config.llm_config.vocab_size, context)
+    return [int(i) + (int(i) == config.embedding_config.img_context_token_id) for i in ids]
+
+
+def timed_greedy(prefill, step, ids: list[int], new_tokens: int) -> tuple[float, list[float]]:
+    """(TTFT, decode step times) in seconds: `prefill(ids)` and `step(token)` return logits [vocab]."""
+    started = time.perf_counter()
+    token = int(np.argmax(prefill(ids)))
+    ttft = time.perf_counter() - started
+    steps = []
+    for _ in range(new_tokens - 1):
+        started = time.perf_counter()
+        token = int(np.argmax(step(token)))
+        steps.append(time.perf_counter() - started)
+    return ttft, steps
+
+
+def run_hovle(folder: str, ids: list[int], new_tokens: int):
+    from hovle_edge.runtime import Pipeline
+
+    with Pipeline.from_dir(folder, threads=THREADS) as pipe:
+        cache = pipe.new_cache(capacity=len(ids) + new_tokens)
+        return timed_greedy(lambda p: pipe.prefill(cache, p, None), lambda t: pipe.decode_step(cache, t), ids, new_tokens)
+
+
+def run_genai(folder: str, ids: list[int], new_tokens: int):
+    """genai's own loop: append_tokens runs the prompt, the first generate_next_token only picks the token,
+    each later one runs the model on the previous token and picks the next."""
+    import onnxruntime_genai as og
+
+    model = og.Model(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(np.asarray([ids], dtype=np.int32))
+    generator.generate_next_token()
+    ttft = time.perf_counter() - started
+    steps = []
+    for _ in range(new_tokens - 1):
+        started = time.perf_counter()
+        generator.generate_next_token()
+        generator.get_next_tokens()
+        steps.append(time.perf_counter() - started)
+    return ttft, steps
+
+
+def run_torch(folder: str, ids: list[int], new_tokens: int):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(THREADS)
+    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    state = {}
+
+    def forward(input_ids):
+        out = model(torch.tensor([input_ids]), past_key_values=state.get("past"), use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+    with torch.inference_mode():
+        return timed_greedy(forward, lambda t: forward([t]), ids, new_tokens)
+
+
+def worker(engine: str, folder: str, context: int, new_tokens: int) -> dict:
+    run = run_hovle if engine.startswith("hovle") else run_genai if engine.startswith("genai") else run_torch
+    ttft, steps = run(folder, prompt_ids(context), new_tokens)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return {"engine": engine, "context": context, "ttft_ms": 1000 * ttft,
+            "step_ms": 1000 * statistics.median(steps), "rss_mb": rss_mb}
+
+
+def prepare(engine: str, work: str) -> str:
+    """The engine's model folder, made once (in the parent, so that no worker imports the exporter)."""
+    if engine.startswith("hovle"):
+        return hovle_folder(work, "onnxruntime" if engine == "hovle-ort" else "tensorrt")
+    return genai_folder(work, engine.split("-")[1]) if engine.startswith("genai") else llama_folder(work)
+
+
+# ---- the run: every engine and context in turn, repeated; medians ----
+
+def measure(engine: str, folder: str, context: int, new_tokens: int) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--work", folder,
+               "--contexts", str(context), "--new-tokens", str(new_tokens)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def table(results: list[dict], engines: list[str], contexts: list[int]) -> str:
+    def median(engine, context, key):
+        return statistics.median(r[key] for r in results if r["engine"] == engine and r["context"] == context)
+
+    lines = [f"{'context':>7} {'engine':<11}{'TTFT ms':>10}{'ms/token':>10}{'tokens/s':>10}{'peak RSS MB':>13}"]
+    for context in contexts:
+        for engine in engines:
+            step = median(engine, context, "step_ms")
+            lines.append(f"{context:>7} {engine:<11}{median(engine, context, 'ttft_ms'):>10.0f}{step:>10.2f}"
+                         f"{1000 / step:>10.1f}{median(engine, context, 'rss_mb'):>13.0f}")
+    if "hovle-ort" in engines and len(contexts) > 1:
+        first, last = contexts[0], contexts[-1]
+        growth = median("hovle-ort", last, "step_ms") / median("hovle-ort", first, "step_ms")
+        lines.append(f"hovle-ort step growth {first} -> {last}: {growth:.2f}x (target < 1.4x)")
+        for peer, target in (("genai-fp32", "<= 1.0x"), ("torch", ">= 1.5x faster")):
+            if peer in engines:
+                ratios = ", ".join(f"{c}: {median(peer, c, 'step_ms') / median('hovle-ort', c, 'step_ms'):.2f}x"
+                                   for c in contexts)
+                lines.append(f"{peer} ms/token over hovle-ort's ({target}): {ratios}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="128,512,2048")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--work", default=os.path.join("benchmarks", ".work"))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # then --work is the engine's folder
+    args = parser.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.work, contexts[0], args.new_tokens)))
+        return
+    engines = args.engines.split(",")
+    folders = {engine: prepare(engine, args.work) for engine in engines}  # every model before timing anything
+    results = []
+    for repeat in range(args.repeats):
+        for context in contexts:
+            for engine in engines:
+                results.append(measure(engine, folders[engine], context, args.new_tokens))
+                print(f"repeat {repeat + 1}/{args.repeats}: {results[-1]}", file=sys.stderr, flush=True)
+    print(f"model {SIZE} (16 layers, width 512, vocab 16384), fp32 unless named; {THREADS} threads each; "
+          f"{args.new_tokens} greedy tokens; medians of {args.repeats}")
+    print(table(results, engines, contexts))
+
+
+if __name__ == "__main__":
+    main()
