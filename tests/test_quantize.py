@@ -231,3 +231,15 @@ def test_calibration_folder_of_prompts(tiny_export, tmp_path):
     (folder / "prompts.jsonl").write_text('{"prompt": "a", "image": "missing.png"}\n')
     with pytest.raises(InputError, match="missing.png"):
         quantize_model(str(tiny_export), str(tmp_path / "q2"), settings, log=lambda line: None)
+
+
+def test_output_folder_is_never_the_source(tiny_export, tmp_path):
+    from hovle_edge.errors import OutputFolderError
+
+    with pytest.raises(OutputFolderError, match="is the input"):
+        quantize_model(str(tiny_export), str(tiny_export), QuantizeSettings(group_size=32), overwrite=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a model")
+    with pytest.raises(OutputFolderError, match="did not write"):
+        quantize_model(str(tiny_export), str(tmp_path / "mine"), QuantizeSettings(group_size=32), overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").exists()

@@ -17,7 +17,7 @@ import onnx
 
 from hovle_edge import spec
 from hovle_edge.errors import InputError, ModelFolderError
-from hovle_edge.files import atomic_directory, sha256_file
+from hovle_edge.files import atomic_directory, check_replaceable, folder_with, sha256_file
 from hovle_edge.quantize.agreement import measure_agreement
 from hovle_edge.quantize.awq import output_error, rows_for_search, search_clip, search_scale
 from hovle_edge.quantize.blocks import BITS, check_group_size
@@ -54,6 +54,9 @@ class QuantizeSettings:
 
 def quantize_model(model_dir: str, out: str, settings: QuantizeSettings, overwrite: bool = False,
                    log=print) -> spec.Manifest:
+    made_here = folder_with(spec.MANIFEST, format=spec.MANIFEST_FORMAT)  # what --overwrite may replace
+    inputs = [model_dir, settings.calibration]
+    check_replaceable(out, overwrite, made_here, inputs, what="quantized folder")  # before any work
     source = spec.load_manifest(model_dir)
     if "quantization" in source.data:
         raise ModelFolderError(f"{model_dir}: already quantized ({source.data['quantization']['bits']} bits); "
@@ -68,7 +71,7 @@ def quantize_model(model_dir: str, out: str, settings: QuantizeSettings, overwri
                              f"(weight {matmul.weight.name}, {matmul.shape[0]} x {matmul.shape[1]})")
     calibration, held_out = split_prompts(settings)
     scales, clips = activation_scales(source, chosen, calibration, settings, log) if settings.method == "awq" else ({}, {})
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, owned_by=made_here, inputs=inputs, what="quantized folder") as tmp:
         reports = {}
         for graph in QUANTIZED_GRAPHS:
             reports[graph] = rewrite(models[graph], chosen[graph], settings.bits, settings.group_size, settings.target,
