@@ -3,7 +3,6 @@ PyTorch before the folder appears (needs torch, onnx, onnxruntime)."""
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import time
@@ -17,10 +16,9 @@ from hovle_edge.export.graphs import graph_specs
 from hovle_edge.export.onnx_export import export_graph
 from hovle_edge.export.ort_graphs import write_ort_graph
 from hovle_edge.export.ort_parity import check_in_place_graph, in_place_spec
-from hovle_edge.export.parity import TOLERANCE, check_graph
+from hovle_edge.export.parity import TOLERANCE, RecordedOutputs, add_references, check_graph
 from hovle_edge.files import atomic_directory, check_replaceable, folder_with, sha256_file, sha256_files
-from hovle_edge.model import HoVLE
-from hovle_edge.model.weights import checkpoint_files
+from hovle_edge.model.weights import checkpoint_files, load_model, release_weights
 from hovle_edge.tokenizer import (IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_SYSTEM, TOKENIZER_FILES,
                                   Tokenizer)
 
@@ -42,29 +40,41 @@ def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int 
     if target not in TARGETS:
         raise ExportError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
     opset = opset or DEFAULT_OPSET  # of the torch.onnx graphs; the onnxruntime target's own are at ORT_OPSET
-    reference = HoVLE.from_pretrained(checkpoint, dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(checkpoint)
-    check_context_token(tokenizer, reference.config)
-    model = copy.deepcopy(reference).to(PRECISIONS[precision]) if precision != "fp32" else reference
+    # The weights as stored (a bf16 checkpoint stays bf16), in memory once: each graph's submodule is
+    # cast in place to fp32 for its reference outputs, then to the export precision, exported, freed.
+    model = load_model(checkpoint, dtype=None, progress=progress)
+    check_context_token(tokenizer, model.config)
     config = model.config
     max_context = max_context or config.llm_config.max_position_embeddings
     dtype = "float16" if precision == "fp16" else "float32"
-    references = {g.name: g.module for g in graph_specs(reference, "float32")}
-    graphs = {}
+    specs = graph_specs(model, dtype)
+    references, graphs = {}, {}
     with atomic_directory(out, overwrite=overwrite, owned_by=exported_here, inputs=[checkpoint], what="export folder") as tmp:
-        bar = tqdm(graph_specs(model, dtype), desc="export", unit="graph", disable=not progress)
-        for graph in bar:
-            bar.set_postfix_str(graph.name)
+        bar = tqdm(total=3 * len(specs), desc="export", unit="step", disable=not progress)
+        for i, graph in enumerate(specs):
             path = os.path.join(tmp, f"{graph.name}.onnx")
             started = time.perf_counter()
-            reference_module = references[graph.name] if precision != "fp32" else None
-            if target == "onnxruntime" and graph.name != "vision":  # the vision graph is the same for both
+            bar.set_postfix_str(f"{graph.name}: PyTorch reference")
+            add_references(specs, i, references, config, precision)
+            graph.module.to(PRECISIONS[precision])
+            bar.update()
+            bar.set_postfix_str(f"{graph.name}: export")
+            in_place = target == "onnxruntime" and graph.name != "vision"  # the vision graph is the same for both
+            if in_place:
                 graph = in_place_spec(graph, config, dtype)
-                parameters = write_ort_graph(graph.name, reference, dtype, max_context, path)
-                rows = check_in_place_graph(graph, path, config, precision, reference_module)
+                parameters = write_ort_graph(graph.name, model, dtype, max_context, path)
             else:
                 parameters = export_graph(graph, path, opset)
-                rows = check_graph(graph, path, config, precision, reference_module)
+            release_weights(graph.module, keep=[later.module for later in specs[i + 1:]])  # before ORT loads the graph
+            bar.update()
+            bar.set_postfix_str(f"{graph.name}: parity")
+            cases = references.pop(graph.name)
+            if in_place:
+                rows = check_in_place_graph(graph, path, config, precision, RecordedOutputs(graph.name, cases))
+            else:
+                rows = check_graph(graph, path, cases, progress)
+            bar.update()
             failed = [r for r in rows if r.exceeds(precision)]
             if failed:
                 r = failed[0]
@@ -72,6 +82,7 @@ def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int 
                                   f"relative {r.max_rel:.3g}, over the {precision} tolerance {TOLERANCE[precision]:g}")
             worst = max(rows, key=lambda r: r.max_rel)
             graphs[graph.name] = graph_entry(graph, tmp, parameters, worst, time.perf_counter() - started)
+        bar.close()
         copy_tokenizer(checkpoint, tmp, tokenizer)
         manifest = build_manifest(config, tokenizer, graphs, precision, opset, max_context, checkpoint, tmp, target)
         spec.write_manifest(tmp, manifest)

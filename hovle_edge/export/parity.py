@@ -1,6 +1,8 @@
 """Each exported graph against the PyTorch module it came from, on ONNX Runtime (CPU): prefill into an
 empty cache with batch 2 and left padding (different real lengths, handled by the mask), then a
-decode step on the cache that prefill wrote."""
+decode step on the cache that prefill wrote. The PyTorch side (reference_cases) runs first and keeps
+only inputs and outputs, so the model can be cast or freed before ONNX Runtime (check_graph) opens
+the graph: at full size the two never hold their weights at once."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from hovle_edge.errors import ExportError
 from hovle_edge.export.graphs import GraphSpec
 from hovle_edge.spec import CAPACITY
 
@@ -44,26 +48,77 @@ def compare(name: str, case: str, expected, got) -> ParityRow:
     return ParityRow(name, case, "", max_abs, scale)
 
 
-def run_case(graph: GraphSpec, session, case: str, inputs: tuple, reference=None) -> tuple[list[ParityRow], tuple]:
-    """Run one case on both sides; `reference` is the torch module that defines the truth
-    (by default the graph's own module, or the fp32 module for an fp16 graph). Presents are compared
-    on this call's rows: a graph that writes its buffer in place returns the whole buffer."""
-    module = reference or graph.module
+@dataclass
+class Case:
+    """One parity case: the graph's inputs (in the graph's dtype) and what PyTorch made of them."""
+    name: str
+    inputs: tuple
+    expected: tuple
+
+
+def reference_case(graph: GraphSpec, name: str, inputs: tuple, precision: str) -> Case:
+    """PyTorch's outputs for `inputs`, from the graph's module as it is now: fp32 for every precision (an
+    fp16 graph is checked against fp32 outputs, so its module is cast only after this)."""
     with torch.no_grad():
-        cast = tuple(x.float() if reference is not None and x.is_floating_point() else x for x in inputs)
-        expected = module(*cast)
-    expected = (expected,) if isinstance(expected, torch.Tensor) else expected
-    feeds = {spec.name: x.numpy() for spec, x in zip(graph.inputs, inputs)}
+        cast = tuple(x.float() if precision != "fp32" and x.is_floating_point() else x for x in inputs)
+        expected = graph.module(*cast)
+    expected = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
+    return Case(name, inputs, tuple(e.detach().float() for e in expected))
+
+
+def reference_cases(graph: GraphSpec, config, precision: str) -> list[Case]:
+    """Every case of one graph with its expected outputs, computed before the graph is exported so that
+    the module can be cast and freed before ONNX Runtime opens the graph. Decode steps run on the
+    cache that the reference prefill wrote."""
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    out = []
+    for name, inputs in cases(graph, config, dtype):
+        out.append(reference_case(graph, name, inputs, precision))
+        if graph.name != "vision":
+            step = decode_inputs(graph, inputs, out[-1].expected[1:], config, dtype)
+            out.append(reference_case(graph, "decode", step, precision))
+    return out
+
+
+def add_references(graphs: list[GraphSpec], first: int, references: dict, config, precision: str) -> None:
+    """Reference cases of graphs[first] and of every later graph that shares weights with it, from those
+    weights in fp32 (cast in place, no copy), before graphs[first] is cast to the export precision:
+    a shared submodule cast to fp16 could not give back its fp32 truth."""
+    mine = {id(p) for p in graphs[first].module.parameters()}
+    for graph in graphs[first:]:
+        if graph.name not in references and mine & {id(p) for p in graph.module.parameters()}:
+            graph.module.float()
+            references[graph.name] = reference_cases(graph, config, precision)
+
+
+class RecordedOutputs:
+    """Stands where a reference module is called (a graph's own checker that runs its cases in order):
+    returns the outputs recorded for those cases, after checking that it is given the same inputs."""
+
+    def __init__(self, graph_name: str, cases: list[Case]):
+        self.graph_name, self.cases = graph_name, list(cases)
+
+    def __call__(self, *inputs):
+        case = self.cases.pop(0)
+        if len(inputs) != len(case.inputs) or not all(torch.equal(a.float(), b.float()) for a, b in zip(inputs, case.inputs)):
+            raise ExportError(f"{self.graph_name}: parity inputs differ from the recorded reference case {case.name!r}")
+        return case.expected
+
+
+def run_case(graph: GraphSpec, session, case: Case) -> list[ParityRow]:
+    """Run one case on ONNX Runtime and compare. Presents are compared on this call's rows: a graph that
+    writes its buffer in place returns the whole buffer."""
+    feeds = {spec.name: x.numpy() for spec, x in zip(graph.inputs, case.inputs)}
     got = session.run([spec.name for spec in graph.outputs], feeds)
     rows = []
-    for spec, e, g in zip(graph.outputs, expected, got):
+    for spec, e, g in zip(graph.outputs, case.expected, got):
         if spec.name.startswith("present.") and spec.dims[2] == CAPACITY:
-            total, new = cache_window(graph, inputs)
+            total, new = cache_window(graph, case.inputs)
             g = g[:, :, total - new:total]
-        row = compare(graph.name, case, e, g)
+        row = compare(graph.name, case.name, e, g)
         row.output = row.output or spec.name
         rows.append(row)
-    return rows, expected
+    return rows
 
 
 def cache_window(graph: GraphSpec, inputs: tuple) -> tuple[int, int]:
@@ -127,19 +182,16 @@ def graph_index(graph: GraphSpec, name: str) -> int:
     return [s.name for s in graph.inputs].index(name)
 
 
-def check_graph(graph: GraphSpec, path: str, config, precision: str, reference_module=None) -> list[ParityRow]:
-    """All cases for one exported graph; rows carry the errors, the caller applies the tolerance."""
+def check_graph(graph: GraphSpec, path: str, cases: list[Case], progress: bool = False) -> list[ParityRow]:
+    """One exported graph against its reference cases; rows carry the errors, the caller applies the
+    tolerance. The session is closed before this returns: one graph's weights in memory at a time."""
     import onnxruntime as ort
 
-    dtype = torch.float16 if precision == "fp16" else torch.float32
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    rows = []
-    for case, inputs in cases(graph, config, dtype):
-        case_rows, expected = run_case(graph, session, case, inputs, reference_module)
-        rows += case_rows
-        if graph.name != "vision":
-            step = decode_inputs(graph, inputs, tuple(expected[1:]), config, dtype)
-            rows += run_case(graph, session, "decode", step, reference_module)[0]
-    return rows
+    try:
+        return [row for case in tqdm(cases, desc=f"{graph.name} parity", unit="case", leave=False,
+                                     disable=not progress) for row in run_case(graph, session, case)]
+    finally:
+        del session

@@ -65,6 +65,6 @@ class HoVLE(nn.Module):
         from hovle_edge.model.weights import load_model
         return load_model(directory, dtype=dtype, device=device)
 
-    def save_pretrained(self, directory: str, max_shard_bytes: int = 5 * 2**30) -> None:
+    def save_pretrained(self, directory: str, max_shard_bytes: int = 5_000_000_000) -> None:  # HF "5GB"
         from hovle_edge.model.weights import save_model
         save_model(self, directory, max_shard_bytes=max_shard_bytes)

@@ -3,13 +3,18 @@ every name and shape against the model built on the meta device, assign. Write t
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
+import math
 import os
 import re
+import struct
+from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from hovle_edge.config import HoVLEConfig
 from hovle_edge.errors import CheckpointError, ModelFolderError
@@ -18,6 +23,8 @@ from hovle_edge.files import resolve_inside
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# Hugging Face's default max_shard_size "5GB" is decimal: the official 2.6B fp32 checkpoint is 3 shards.
+OFFICIAL_SHARD_BYTES = 5_000_000_000
 
 
 def checkpoint_files(directory: str) -> list[str]:
@@ -49,16 +56,79 @@ def checkpoint_files(directory: str) -> list[str]:
     return paths
 
 
-def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
-    state = {}
+# safetensors dtype names -> torch dtypes (the ones checkpoints of this model use).
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+                      "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass
+class StoredTensor:
+    path: str
+    shape: tuple
+    dtype: torch.dtype
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def tensor_index(directory: str) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint by name, from the shard headers alone (no data read)."""
+    index = {}
     for path in checkpoint_files(directory):
         try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    state[name] = f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            index.update(read_header(path))
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    return state
+    return index
+
+
+def read_header(path: str) -> dict[str, StoredTensor]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        (header_bytes,) = struct.unpack("<Q", f.read(8))
+        if header_bytes > min(size - 8, 100 * 2**20):
+            raise ValueError(f"header of {header_bytes} bytes in a file of {size}")
+        header = json.loads(f.read(header_bytes))
+    base, tensors = 8 + header_bytes, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name} has dtype {info['dtype']}, which this loader does not read")
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        start, end = (base + o for o in info["data_offsets"])
+        if end - start != math.prod(shape) * dtype.itemsize or end > size:
+            raise ValueError(f"{name}: bytes {start}..{end} do not hold {list(shape)} {info['dtype']} "
+                             f"in a file of {size} bytes (truncated?)")
+        tensors[name] = StoredTensor(path, shape, dtype, start, end)
+    return tensors
+
+
+def read_tensors(index: dict[str, StoredTensor], dtype: torch.dtype | None = None, progress: bool = False):
+    """Yield (name, tensor) one at a time, read with plain file reads straight into the tensor's memory
+    and cast to `dtype` (None: as stored), so the checkpoint is never held twice or mapped whole."""
+    total = sum(t.end - t.start for t in index.values())
+    bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, unit_divisor=1024,
+               disable=not progress)
+    files = {}
+    try:
+        for name, stored in sorted(index.items(), key=lambda item: (item[1].path, item[1].start)):
+            if stored.path not in files:
+                files[stored.path] = open(stored.path, "rb")
+            f = files[stored.path]
+            tensor = torch.empty(stored.shape, dtype=stored.dtype)
+            f.seek(stored.start)
+            if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != stored.end - stored.start:
+                raise CheckpointError(f"{stored.path}: {name} ends past the end of the file (truncated?)")
+            bar.update(stored.end - stored.start)
+            yield name, tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
+    finally:
+        for f in files.values():
+            f.close()
+        bar.close()
+
+
+def read_state_dict(directory: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return dict(read_tensors(tensor_index(directory), dtype))
 
 
 def check_state_dict(expected: dict[str, tuple], found: dict[str, torch.Tensor], where: str) -> None:
@@ -72,18 +142,45 @@ def check_state_dict(expected: dict[str, tuple], found: dict[str, torch.Tensor],
         raise CheckpointError(f"{where}: weights do not match config.json ({len(problems)} problem(s)):\n  {shown}")
 
 
-def load_model(directory: str, dtype=torch.float32, device="cpu"):
+def load_model(directory: str, dtype: torch.dtype | None = torch.float32, device="cpu", progress: bool = False):
+    """The model built on the meta device, every name and shape checked from the shard headers before a
+    byte of data is read, then each tensor read, cast to `dtype` (None: as stored, e.g. bf16) and
+    assigned: the weights are in memory once, in the dtype asked for."""
     from hovle_edge.model.hovle import HoVLE
 
     config = HoVLEConfig.from_pretrained(directory)
     with torch.device("meta"):
         model = HoVLE(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = read_state_dict(directory)
-    check_state_dict(expected, state, directory)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    index = tensor_index(directory)
+    check_state_dict(expected, {k: torch.empty(t.shape, device="meta") for k, t in index.items()}, directory)
+    state = {name: tensor.to(device) for name, tensor in read_tensors(index, dtype, progress)}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def release_weights(module: torch.nn.Module, keep=()) -> int:
+    """Free the memory of `module`'s parameters and buffers except those also held by a module in
+    `keep` (the module is unusable afterwards); returns the bytes freed. For an exporter done with a
+    submodule: its graph is written, and ONNX Runtime is about to open it."""
+    kept = {id(t) for m in keep for t in (*m.parameters(), *m.buffers())}
+    freed = 0
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) not in kept and t.numel():
+            freed += t.numel() * t.element_size()
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    gc.collect()  # the exporter's programs hold the tensors in reference cycles
+    give_back_freed_memory()
+    return freed
+
+
+def give_back_freed_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise, and the next big allocation,
+    an ONNX Runtime session, would come on top of them in the peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def shard(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -115,7 +212,7 @@ def save_state_dict(state: dict[str, torch.Tensor], directory: str, max_shard_by
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def save_model(model, directory: str, max_shard_bytes: int = 5 * 2**30, extra_files: dict[str, str] | None = None,
+def save_model(model, directory: str, max_shard_bytes: int = OFFICIAL_SHARD_BYTES, extra_files: dict[str, str] | None = None,
                weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json and the weights (`weights`, or the model's own state dict) into `directory`
     (other files there are left alone). Each file is written in full beside it first and then moved

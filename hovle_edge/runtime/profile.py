@@ -116,12 +116,35 @@ def prompt_ids(pipe, prompt_tokens: int, tiles: int) -> list[int]:
     return head + [word] * filler + tail
 
 
+def check_counts(runs: int, warmup: int, new_tokens: int) -> None:
+    if runs < 1 or warmup < 0 or new_tokens < 1:
+        raise InputError("--runs and --new-tokens must be at least 1, --warmup at least 0")
+
+
+def check_before_loading(model_dir: str, image=None, tiles: int | None = None, prompt_tokens: int = 128,
+                         new_tokens: int = 64, runs: int = 5, warmup: int = 1, sweep: str | None = None) -> None:
+    """The errors that depend only on the arguments, the manifest and the tokenizer, raised before any
+    graph is opened (a 2.6B folder takes half a minute to load); with `sweep`, for each of its values."""
+    from hovle_edge.runtime.pipeline import Pipeline
+    from hovle_edge.spec import load_manifest
+    from hovle_edge.tokenizer import Tokenizer
+
+    settings = [{"tiles": tiles, "prompt-tokens": prompt_tokens, "new-tokens": new_tokens}]
+    if sweep:
+        key, values = parse_sweep(sweep)
+        settings = [{**settings[0], key: value} for value in values]
+    inputs = Pipeline(load_manifest(model_dir, verify=False), None, Tokenizer.from_dir(model_dir))  # no backend: no graphs
+    for s in settings:
+        check_counts(runs, warmup, s["new-tokens"])
+        tile_count = len(inputs.pixel_values(image, None)) if image is not None else (s["tiles"] or 0)
+        prompt_ids(inputs, s["prompt-tokens"], tile_count)
+
+
 def profile(pipe, image=None, tiles: int | None = None, prompt_tokens: int = 128, new_tokens: int = 64,
             runs: int = 5, warmup: int = 1, model: str = "", backend: str = "onnxruntime", device: str = "cpu",
             seed: int = 0) -> ProfileReport:
     """Run the pipeline `warmup + runs` times; greedy, exactly `new_tokens` generated per run."""
-    if runs < 1 or warmup < 0 or new_tokens < 1:
-        raise InputError("--runs and --new-tokens must be at least 1, --warmup at least 0")
+    check_counts(runs, warmup, new_tokens)
     size = pipe.manifest.model["image_size"]
     tile_count = len(pipe.pixel_values(image, None)) if image is not None else (tiles or 0)
     random_tiles = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hovle_edge.errors import InputError
 from hovle_edge.runtime import roofline
 from hovle_edge.files import write_json
-from hovle_edge.runtime.profile import parse_sweep, plot, profile, sweep_table
+from hovle_edge.runtime.profile import check_before_loading, parse_sweep, plot, profile, sweep_table
 
 SWEEP_ARGUMENT = {"prompt-tokens": "prompt_tokens", "tiles": "tiles", "new-tokens": "new_tokens"}
 
@@ -64,6 +64,7 @@ def run_profile(model_dir=None, backend="onnxruntime", device="cpu", threads=Non
         return roofline_text(cost, rows)
     from hovle_edge.runtime import Pipeline
 
+    check_before_loading(model_dir, image, tiles, prompt_tokens, new_tokens, runs, warmup, sweep)
     with Pipeline.from_dir(model_dir, backend=backend, device=device, threads=threads) as pipe:
         settings = dict(image=image, tiles=tiles, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
                         warmup=warmup, model=model_dir, backend=backend, device=device)

@@ -1,0 +1,169 @@
+"""The real 2.6B shape on an ordinary machine: wall time and peak memory of `hovle-edge export` (fp16 and
+fp32), `verify` and the first and second start of `run`, each command in its own process under
+/usr/bin/time -v, against the budgets of issue 21. Builds a random-weight checkpoint with the official
+config (bf16 shards, ~5 GB) under the work folder when it is absent; speed and memory do not depend
+on the weights' values.
+
+    python benchmarks/full_size.py --work /tmp/full-size [--steps export-fp16,export-fp32,verify,run]
+
+Needs ~5 GB + 5 GB (fp16) + 10 GB (fp32) of disk; `--drop-fp32` deletes the fp32 export at the end."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+GIB = 2**30
+# Issue 21's figures before this work, and its budgets (peak RSS GiB, wall seconds).
+BEFORE = {"export-fp16": "stopped at 21.1 GiB", "export-fp32": "17.4 GiB, 236 s",
+          "verify": "stopped at 20.5 GiB", "run (first start)": "writes a 9.1 GB copy", "run (second start)": "~40 s"}
+BUDGET_GIB = {"export-fp16": 12, "export-fp32": 14, "verify": 12}
+RUN_PROMPT = "Say hello."
+
+
+def build_checkpoint(directory: str) -> None:
+    """Random bf16 weights of the official 2.6B config, written shard by shard (never the whole model at
+    once in memory) with the shapes world's tokenizer; the image-context id moves to that tokenizer's."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hovle_edge.config import preset
+    from hovle_edge.model import HoVLE
+    from hovle_edge.model.weights import INDEX_FILE, OFFICIAL_SHARD_BYTES
+    from hovle_edge.train.shapes import world_tokenizer
+
+    config = preset("hovle-2.6b")
+    tokenizer = world_tokenizer()
+    config.embedding_config = dataclasses.replace(config.embedding_config,
+                                                  img_context_token_id=tokenizer.token_id("<IMG_CONTEXT>"))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in HoVLE(config).state_dict().items()}
+    groups, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * _numel(shape)
+        if current and size + nbytes > OFFICIAL_SHARD_BYTES:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    groups.append(current)
+    tmp = directory + ".building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, names in enumerate(groups, 1):
+        shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            if len(shapes[name]) == 1:  # norms at one, biases at zero: activations keep a sane scale
+                tensors[name] = (torch.ones if name.endswith("norm.weight") else torch.zeros)(shapes[name], dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16)
+            weight_map[name] = shard
+            total += 2 * _numel(shapes[name])
+        save_file(tensors, os.path.join(tmp, shard), metadata={"format": "pt"})
+        del tensors
+        print(f"  wrote {shard}", flush=True)
+    with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    os.replace(tmp, directory)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclasses.dataclass
+class Measurement:
+    step: str
+    seconds: float
+    peak_gib: float
+    ok: bool
+    note: str = ""
+
+
+def measure(step: str, command: list[str], log: str) -> Measurement:
+    """One command in its own process: wall time and peak RSS from GNU time."""
+    print(f"$ {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        done = subprocess.run(["/usr/bin/time", "-v", *command], stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    with open(log, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    peak_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    peak = int(peak_kb.group(1)) * 1024 / GIB if peak_kb else float("nan")
+    result = Measurement(step, seconds, peak, done.returncode == 0, "" if done.returncode == 0 else f"exit {done.returncode}, see {log}")
+    print(f"  {result.seconds:.0f} s, peak {result.peak_gib:.2f} GiB, {'ok' if result.ok else result.note}", flush=True)
+    return result
+
+
+def folder_bytes(directory: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/full-size")
+    parser.add_argument("--steps", default="export-fp16,export-fp32,verify,run")
+    parser.add_argument("--drop-fp32", action="store_true", help="delete the fp32 export after measuring it")
+    args = parser.parse_args()
+    steps = args.steps.split(",")
+    checkpoint = os.path.join(args.work, "checkpoint")
+    os.makedirs(args.work, exist_ok=True)
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        print(f"building the random 2.6B checkpoint in {checkpoint}", flush=True)
+        build_checkpoint(checkpoint)
+    cli = [sys.executable, "-m", "hovle_edge.cli"]
+    results = []
+    for precision in ("fp16", "fp32"):
+        if f"export-{precision}" in steps:
+            out = os.path.join(args.work, precision)
+            results.append(measure(f"export-{precision}", [*cli, "export", "--checkpoint", checkpoint, "--out", out,
+                                                           "--dtype", precision, "--overwrite"],
+                                   os.path.join(args.work, f"export-{precision}.log")))
+    verified = os.path.join(args.work, "fp32" if os.path.isdir(os.path.join(args.work, "fp32")) else "fp16")
+    if "verify" in steps:
+        step = f"verify ({os.path.basename(verified)})"
+        results.append(measure(step, [*cli, "verify", "--checkpoint", checkpoint, "--model", verified],
+                               os.path.join(args.work, "verify.log")))
+    if "run" in steps:
+        before = folder_bytes(verified)
+        for name in os.listdir(verified):  # a first start: nothing cached by an earlier run
+            if name.startswith(".ort"):
+                shutil.rmtree(os.path.join(verified, name), ignore_errors=True)
+        sessions = ("import sys, onnxruntime as ort; d = sys.argv[1]; "
+                    "[ort.InferenceSession(f'{d}/{g}.onnx', providers=['CPUExecutionProvider']) "
+                    "for g in ('vision', 'embedding', 'decoder')]")
+        results.append(measure("ORT sessions alone", [sys.executable, "-c", sessions, verified],
+                               os.path.join(args.work, "sessions.log")))
+        run = [*cli, "run", "--model", verified, "--prompt", RUN_PROMPT, "--max-new-tokens", "4", "--no-stream"]
+        for which in ("first", "second"):
+            results.append(measure(f"run ({which} start)", run, os.path.join(args.work, f"run-{which}.log")))
+        grown = folder_bytes(verified) - before
+        results[-1].note = f"model folder grew by {grown / 2**20:.0f} MiB over the two starts"
+    if args.drop_fp32:
+        shutil.rmtree(os.path.join(args.work, "fp32"), ignore_errors=True)
+    print(f"\n{'step':<20} {'wall s':>7} {'peak GiB':>9} {'budget':>7}  {'before':<22} note")
+    for r in results:
+        budget = BUDGET_GIB.get(r.step.split(" ")[0])
+        print(f"{r.step:<20} {r.seconds:>7.0f} {r.peak_gib:>9.2f} {budget or '':>7}  "
+              f"{BEFORE.get(r.step.split(' (')[0] if r.step.startswith('verify') else r.step, ''):<22} "
+              f"{'' if r.ok else 'FAILED '}{r.note}")
+
+
+if __name__ == "__main__":
+    main()
