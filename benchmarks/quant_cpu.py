@@ -2,7 +2,12 @@
 tokens/s of the float export and of its int8 and int4 folders (`hovle-edge quantize`, round to
 nearest, group 128) at several contexts, and each folder's bytes.
 
-    python benchmarks/quant_cpu.py [--size w1024] [--contexts 128,512,2048] [--steps 32] [--work DIR]
+    python benchmarks/quant_cpu.py [--size w1024] [--target onnxruntime|tensorrt] [--contexts 128,512,2048]
+                                   [--steps 32] [--work DIR]
+
+The float export is of --target's graphs (onnxruntime: GroupQueryAttention and fused norms, the
+flavour a CPU user runs; tensorrt: the portable ones); quantized folders are MatMulNBits either way.
+"int4 acc4" is int4 with MatMulNBits accuracy_level 4 (activations rounded to int8 inside the GEMM).
 
 Target (issue 19): int4 well above 2x fp32 where decode is bound by reading weights."""
 
@@ -32,6 +37,15 @@ VARIANTS = {
 }
 
 
+def exported(checkpoint: str, work: str, name: str, target: str, precision: str) -> str:
+    from hovle_edge.export import export_model
+
+    out = os.path.join(work, f"{name}-{target}-{precision}")
+    if not os.path.isfile(os.path.join(out, "manifest.json")):
+        export_model(checkpoint, out, precision=precision, max_context=4096, target=target, progress=False)
+    return out
+
+
 def folder_bytes(model_dir: str) -> int:
     manifest = load_manifest(model_dir, verify=False)
     return sum(os.path.getsize(os.path.join(model_dir, f)) for f in manifest.data["files"])
@@ -52,17 +66,19 @@ def decode_tokens_per_s(pipe: Pipeline, ids: list[int], steps: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="w1024")
+    parser.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     parser.add_argument("--contexts", default="128,512,2048")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per context and model")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", default=os.path.join("benchmarks", ".work"))
     args = parser.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
-    _, float_dir = prepared(args.size, args.work)
-    _, half_dir = prepared(args.size, args.work, precision="fp16")
+    checkpoint, _ = prepared(args.size, args.work)
+    float_dir = exported(checkpoint, args.work, args.size, args.target, "fp32")
+    half_dir = exported(checkpoint, args.work, args.size, args.target, "fp16")
     folders = {}
     for name, settings in VARIANTS.items():
-        folders[name] = float_dir if settings is None else os.path.join(args.work, f"{args.size}-{name.replace(' ', '-')}")
+        folders[name] = float_dir if settings is None else f"{float_dir}-{name.replace(' ', '-')}"
         if settings is not None and not os.path.isfile(os.path.join(folders[name], "manifest.json")):
             quantize_model(float_dir, folders[name], settings, overwrite=True, log=lambda line: None)
     manifest = load_manifest(float_dir, verify=False)
@@ -74,7 +90,7 @@ def main():
         with Pipeline.from_dir(folder, threads=args.threads) as pipe:
             speed[name] = {c: decode_tokens_per_s(pipe, prompts[c], args.steps) for c in contexts}
     width, layers = SIZES[args.size][0], SIZES[args.size][1]
-    print(f"model {args.size}: width {width}, {layers} + {layers} layers; ONNX Runtime CPU, "
+    print(f"model {args.size}: width {width}, {layers} + {layers} layers, {args.target} graphs; ONNX Runtime CPU, "
           f"{args.threads or 'default'} threads; median decode step as tokens/s; group 128, round to nearest")
     names = list(folders)
     print(f"{'context':>8}" + "".join(f"{n:>11}" for n in names) + "".join(f"{n + ' x':>13}" for n in names[1:]))

@@ -40,11 +40,11 @@ def main():
     args = parser.parse_args()
     from hovle_edge.export import export_model
 
-    float_dir = os.path.join(args.demo, "onnx")
-    half_dir = os.path.join(args.demo, "onnx-fp16")
-    if not os.path.isfile(os.path.join(half_dir, "manifest.json")):
-        export_model(os.path.join(args.demo, "stage3-instruct"), half_dir, precision="fp16", max_context=1024,
-                     overwrite=True, progress=False)
+    float_dir, half_dir = os.path.join(args.demo, "onnx"), os.path.join(args.demo, "onnx-fp16")
+    for folder, precision in ((float_dir, "fp32"), (half_dir, "fp16")):  # as the demo exports (portable graphs)
+        if not os.path.isfile(os.path.join(folder, "manifest.json")):
+            export_model(os.path.join(args.demo, "stage3-instruct"), folder, precision=precision, max_context=1024,
+                         progress=False)
     folders, seconds = {"fp32": float_dir}, {}
     for name, settings in variants(args.held_out, args.group_size).items():
         folders[name] = os.path.join(args.demo, "onnx-" + name.replace(" ", "-"))
@@ -58,17 +58,18 @@ def main():
         with Pipeline.from_dir(folder) as pipe:
             answers[name] = [runtime_answer(pipe, question, image) for image, question, _ in items]
     print(f"shapes world demo model, {args.questions} questions on fresh scenes, greedy, ONNX Runtime CPU; "
-          f"group {args.group_size}; agreement on {args.held_out} held-out prompts x 8 answer positions")
-    print(f"{'model':<10}{'accuracy':>10}{'same as fp32':>14}{'top-1 agree':>13}{'mean KL':>10}{'MiB':>8}"
-          f"{'quantize s':>12}")
+          f"group {args.group_size}; agreement on {args.held_out} held-out prompts, every answer position (up to 8)")
+    print(f"{'model':<10}{'accuracy':>10}{'same as fp32':>14}{'top-1 agree':>13}{'positions':>11}{'mean KL':>10}"
+          f"{'MiB':>8}{'quantize s':>12}")
     for name, folder in folders.items():
         agreement = load_manifest(folder, verify=False).data.get("quantization", {}).get("agreement")
         top1 = f"{100 * agreement['top1_agreement']:.1f}%" if agreement else "-"
-        kl = f"{agreement['mean_kl']:.4f}" if agreement else "-"
+        kl = f"{agreement['mean_kl']:.2g}" if agreement else "-"
+        positions = agreement["positions"] if agreement else "-"
         took = f"{seconds[name]:.1f}" if name in seconds else "-"
         print(f"{name:<10}{percent(answers[name], expected):>9.1f}%{percent(answers[name], answers['fp32']):>13.1f}%"
-              f"{top1:>13}{kl:>10}{folder_bytes(folder) / 2**20:>8.2f}{took:>12}")
-    print(f"{'fp16':<10}{'':>10}{'':>14}{'':>13}{'':>10}{folder_bytes(half_dir) / 2**20:>8.2f}")
+              f"{top1:>13}{positions:>11}{kl:>10}{folder_bytes(folder) / 2**20:>8.2f}{took:>12}")
+    print(f"{'fp16':<10}{'':>10}{'':>14}{'':>13}{'':>11}{'':>10}{folder_bytes(half_dir) / 2**20:>8.2f}")
 
 
 if __name__ == "__main__":
