@@ -243,3 +243,17 @@ def test_output_folder_is_never_the_source(tiny_export, tmp_path):
     with pytest.raises(OutputFolderError, match="did not write"):
         quantize_model(str(tiny_export), str(tmp_path / "mine"), QuantizeSettings(group_size=32), overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_roofline_counts_the_quantized_bytes(tiny_export, int4_export):
+    from hovle_edge.runtime.profile_command import model_numbers
+    from hovle_edge.runtime.roofline import decode_cost
+
+    float_cost = decode_cost(*model_numbers(str(tiny_export), None)[:2])
+    numbers, precision, _ = model_numbers(int4_export.directory, None)
+    int4_cost = decode_cost(numbers, precision, numbers["quantization"])
+    # 4 layers of 36864 linear weights at 4 bits + an fp32 scale per 32; norms, a word row and the head in fp32
+    linear = 4 * 36864
+    assert int4_cost.weight_bytes == round(linear * (0.5 + 4 / 32)) + 4 * (4 * 128 + 64 + 64) + 4 * 512 * 64
+    assert float_cost.weight_bytes - int4_cost.weight_bytes == 4 * linear - round(linear * (0.5 + 4 / 32))
+    assert int4_cost.kv_bytes_per_token == float_cost.kv_bytes_per_token
