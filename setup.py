@@ -18,6 +18,8 @@ setup(
         "export": ["torch", "onnx", "onnxscript", "safetensors"],
         "train": ["torch", "safetensors"],
         "plot": ["matplotlib"],
+        # hovle-edge quantize: reads and rewrites graphs (onnx), calibrates on ONNX Runtime; no torch
+        "quantize": ["onnx", "onnxruntime"],
         # benchmarks/peer_cpu.py: onnxruntime-genai and its model builder as the peer (never the runtime's)
         "bench": ["onnxruntime-genai", "transformers", "torch"],
         "serve": ["starlette", "uvicorn"],
