@@ -392,24 +392,39 @@ def profile(model_dir, backend, device, threads, image, tiles, prompt_tokens, ne
 @click.option("--max-prompt", type=POSITIVE, default=None, help="Longest prefill (default: the context).")
 @click.option("--max-tiles", type=POSITIVE, default=None, help="Most image tiles at once (default: the model's, with thumbnail).")
 @click.option("--max-batch", type=POSITIVE, default=1, show_default=True)
-@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="Read and update this timing cache.")
+@click.option("--compute-capability", "compute_capabilities", multiple=True, metavar="MAJOR.MINOR",
+              help="tensorrt-rtx: build ahead of time, with no GPU needed, for this GPU architecture (8.9 Ada, "
+                   "12.0 Blackwell; repeat for several). Default: the GPU's own.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Read and update this timing cache (tensorrt; tensorrt-rtx keeps a runtime cache beside the engines).")
 @click.option("--workspace", type=float, default=4.0, show_default=True, help="Builder workspace in GiB.")
 @click.option("--flavour", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
               help="Default: the one installed.")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT if hovle-edge built it; never a folder that is, holds or sits inside MODEL.")
-def build(model_dir, out, precision, max_context, max_prompt, max_tiles, max_batch, timing_cache, workspace, flavour,
-          overwrite):
-    """Build one TensorRT engine per graph with prefill and decode profiles (needs a GPU and
-    tensorrt or tensorrt_rtx). Unchanged graphs come from the engine cache."""
+def build(model_dir, out, precision, max_context, max_prompt, max_tiles, max_batch, compute_capabilities, timing_cache,
+          workspace, flavour, overwrite):
+    """Build one TensorRT engine per graph with decode, prefill and extend profiles (tensorrt on the
+    GPU that will run them; tensorrt-rtx also ahead of time, without a GPU, for --compute-capability).
+    Unchanged graphs come from the engine cache."""
     from hovle_edge.engines.builder import build_engines
+    from hovle_edge.errors import EngineBuildError
 
-    record = build_engines(model_dir, out, precision=precision, max_context=max_context, max_prompt=max_prompt,
-                           max_tiles=max_tiles, max_batch=max_batch, timing_cache=timing_cache,
-                           workspace_gib=workspace, flavour=flavour, overwrite=overwrite, log=click.echo)
+    try:
+        record = build_engines(model_dir, out, precision=precision, max_context=max_context, max_prompt=max_prompt,
+                               max_tiles=max_tiles, max_batch=max_batch, compute_capabilities=compute_capabilities,
+                               timing_cache=timing_cache, workspace_gib=workspace, flavour=flavour,
+                               overwrite=overwrite, log=click.echo)
+    except EngineBuildError as e:
+        if e.setting == "compute_capabilities":
+            raise click.BadParameter(str(e), param_hint="--compute-capability")
+        raise
     for graph, entry in record["engines"].items():
-        click.echo(f"{graph:<10} {entry['build_seconds']:8.1f} s  profiles {', '.join(p['name'] for p in entry['profiles'])}")
-    click.echo(f"wrote {out} ({record['flavour']} {record['tensorrt_version']}, {record['gpu']}, sm {record['compute_capability']})")
+        click.echo(f"{graph:<10} {entry['build_seconds']:8.1f} s {entry['bytes'] / 2**20:8.2f} MiB  "
+                   f"profiles {', '.join(p['name'] for p in entry['profiles'])}")
+    built_on = record["gpu"] or "ahead of time, no GPU"
+    click.echo(f"wrote {out} ({record['flavour']} {record['tensorrt_version']}, {built_on}, compute capability "
+               f"{', '.join(record['compute_capabilities'])})")
 
 
 @main.command()

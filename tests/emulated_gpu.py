@@ -4,13 +4,16 @@ by cudaMalloc; an "engine" is the ONNX graph's path plus the optimization profil
 and runs on ONNX Runtime (CPU). What the stand-ins check is what a real GPU would punish: every input
 shape inside the selected profile, every tensor given an address, no output written over an input it
 reads, no copy outside an allocation. They also count allocations and copies, so tests can show that
-a decode step allocates nothing and only the logits come back to the host.
+a decode step allocates nothing and only the logits come back to the host. TensorRT for RTX's runtime
+cache is a set of "kernels" (graph, profile) compiled the first time a context runs them unless the
+cache it was given already holds them; `tensorrt_rtx.compiled` lists each compilation.
 
 This tests our code's use of the API, not TensorRT: the GPU test in test_engines.py runs the real one."""
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import importlib.machinery
 import json
 import os
@@ -98,21 +101,53 @@ def cuda_runtime(memory: Memory, name: str = "Emulated GPU", capability: tuple[i
     return rt
 
 
+class RuntimeCache:
+    """TensorRT for RTX's runtime cache: the kernels compiled so far, serialized as JSON."""
+
+    def __init__(self):
+        self.kernels: set[str] = set()
+
+    def serialize(self) -> bytes:
+        return json.dumps({"emulated runtime cache": sorted(self.kernels)}).encode()
+
+    def deserialize(self, blob) -> bool:
+        try:
+            self.kernels |= set(json.loads(bytes(blob))["emulated runtime cache"])
+        except (ValueError, KeyError):
+            return False  # as TensorRT for RTX: a cache that does not fit is refused, not an error
+        return True
+
+
+class RuntimeConfig:
+    def __init__(self):
+        self.cache = None
+
+    def create_runtime_cache(self) -> RuntimeCache:
+        return RuntimeCache()
+
+    def set_runtime_cache(self, cache: RuntimeCache) -> bool:
+        self.cache = cache
+        return True
+
+
 class Engine:
-    def __init__(self, blob: bytes, memory: Memory, ran: list):
+    def __init__(self, blob: bytes, memory: Memory, ran: list, compiled: list):
         data = json.loads(blob)
         self.onnx, self.profiles = data["onnx"], data["profiles"]
-        self.memory, self.ran = memory, ran
+        self.memory, self.ran, self.compiled = memory, ran, compiled
 
-    def create_execution_context(self):
-        return Context(self)
+    def create_runtime_config(self) -> RuntimeConfig:
+        return RuntimeConfig()
+
+    def create_execution_context(self, runtime_config: RuntimeConfig | None = None):
+        return Context(self, runtime_config.cache if runtime_config else None)
 
 
 class Context:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, runtime_cache: RuntimeCache | None = None):
         import onnxruntime as ort
 
-        self.engine = engine
+        self.engine, self.runtime_cache = engine, runtime_cache
         self.session = ort.InferenceSession(engine.onnx, providers=["CPUExecutionProvider"])
         self.input_types = {i.name: ORT_TYPES[i.type] for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -143,7 +178,16 @@ class Context:
                 assert all(a <= s <= b for a, s, b in zip(low, shape, high)), f"{name} {shape} outside {low}..{high}"
                 feeds[name] = self.engine.memory.read(self.addresses[name], shape, dtype)
             self.results = dict(zip(self.output_names, self.session.run(None, feeds)))
+            self._compile(f"{os.path.basename(self.engine.onnx)}:{self.profile}")
         return self.results
+
+    def _compile(self, kernel: str) -> None:
+        """JIT compilation on first use, skipped when the runtime cache already holds the kernel."""
+        if self.runtime_cache is not None and kernel in self.runtime_cache.kernels:
+            return
+        self.engine.compiled.append(kernel)
+        if self.runtime_cache is not None:
+            self.runtime_cache.kernels.add(kernel)
 
     def get_tensor_shape(self, name: str):
         return self._run()[name].shape
@@ -167,11 +211,20 @@ def tensorrt_rtx(memory: Memory, ran: list):
     trt = types.ModuleType("tensorrt_rtx")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt_rtx", None)
     trt.__version__ = "1.2.0-emulated"
+    trt.compiled = []  # every kernel compiled just in time, in order
+    trt.ComputeCapability = enum.Enum("ComputeCapability", ["NONE", "CURRENT", "SM75", "SM80", "SM86", "SM89",
+                                                            "SM120"])
 
     class Logger:
         WARNING = 2
 
         def __init__(self, level=None):
+            pass
+
+    class ILogger:
+        Severity = enum.IntEnum("Severity", ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"])
+
+        def __init__(self):
             pass
 
     class Network:
@@ -205,6 +258,12 @@ def tensorrt_rtx(memory: Memory, ran: list):
     class Config:
         def __init__(self):
             self.profiles, self.timing = [], None
+            self.num_compute_capabilities, self.capabilities = 0, {}  # as the real one: none until set
+
+        def set_compute_capability(self, capability, index):
+            assert 0 <= index < self.num_compute_capabilities, (index, self.num_compute_capabilities)
+            self.capabilities[index] = capability.name
+            return True
 
         def set_memory_pool_limit(self, pool, size):
             pass
@@ -235,16 +294,17 @@ def tensorrt_rtx(memory: Memory, ran: list):
             return OptimizationProfile()
 
         def build_serialized_network(self, network, config):
-            return json.dumps({"onnx": network.path, "profiles": config.profiles}).encode()
+            return json.dumps({"onnx": network.path, "profiles": config.profiles,
+                               "compute_capabilities": [config.capabilities[i] for i in sorted(config.capabilities)]}).encode()
 
     class Runtime:
         def __init__(self, logger):
             pass
 
         def deserialize_cuda_engine(self, blob):
-            return Engine(blob, memory, ran)
+            return Engine(blob, memory, ran, trt.compiled)
 
-    trt.Logger, trt.OnnxParser, trt.Builder, trt.Runtime = Logger, Parser, Builder, Runtime
+    trt.Logger, trt.ILogger, trt.OnnxParser, trt.Builder, trt.Runtime = Logger, ILogger, Parser, Builder, Runtime
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
     trt.BuilderFlag = types.SimpleNamespace()  # strongly typed: precision comes from the graph
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)

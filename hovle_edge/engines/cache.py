@@ -1,6 +1,7 @@
-"""engines.json and the engine cache: what was built, for which GPU and TensorRT, with which
-profiles; a cache key over all of that so an unchanged model is never rebuilt, and a clear error
-when engines meet another GPU or TensorRT version. No TensorRT import here."""
+"""engines.json and the engine cache: what was built, for which GPU architectures (compute
+capabilities) and TensorRT, with which profiles; a cache key over all of that so an unchanged model is
+never rebuilt, and a clear error when engines meet a GPU they were not built for or another TensorRT
+version. No TensorRT import here."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from hovle_edge.files import resolve_inside
 
 ENGINES = "engines.json"
 ENGINES_FORMAT = "hovle-edge/engines"
-ENGINES_VERSION = 1
+ENGINES_VERSION = 2  # 2: a list of compute capabilities (ahead-of-time builds), gpu null without one
 
 
-def cache_key(flavour: str, tensorrt_version: str, compute_capability: str, graph_sha256: str,
+def cache_key(flavour: str, tensorrt_version: str, compute_capabilities: list[str], graph_sha256: str,
               profiles: list[dict], precision: str) -> str:
     """Everything that changes an engine, hashed."""
-    blob = json.dumps({"flavour": flavour, "tensorrt": tensorrt_version, "sm": compute_capability,
+    blob = json.dumps({"flavour": flavour, "tensorrt": tensorrt_version, "sm": compute_capabilities,
                        "graph": graph_sha256, "profiles": profiles, "precision": precision}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -47,11 +48,13 @@ def read_engines(directory: str) -> dict:
 
 
 def check_compatible(data: dict, flavour: str, tensorrt_version: str, compute_capability: str, where: str) -> None:
-    """Engines run only where they were built: same flavour, TensorRT version and GPU architecture."""
-    built = (data["flavour"], data["tensorrt_version"], data["compute_capability"])
-    here = (flavour, tensorrt_version, compute_capability)
-    if built != here:
-        raise ModelFolderError(
-            f"{where}: engines were built with {built[0]} {built[1]} for compute capability {built[2]} "
-            f"({data.get('gpu', '?')}); this machine has {here[0]} {here[1]} and compute capability {here[2]}: "
-            "rebuild them here with `hovle-edge build`")
+    """Engines run only with the flavour and TensorRT version that built them, on a GPU whose
+    architecture is among those they were built for."""
+    built_for = data["compute_capabilities"]
+    if (data["flavour"], data["tensorrt_version"]) == (flavour, tensorrt_version) and compute_capability in built_for:
+        return
+    built_on = f"on {data['gpu']}" if data.get("gpu") else "ahead of time, without a GPU"
+    raise ModelFolderError(
+        f"{where}: engines were built with {data['flavour']} {data['tensorrt_version']} for compute capability "
+        f"{', '.join(built_for)} ({built_on}); this machine has {flavour} {tensorrt_version} and a GPU of compute "
+        f"capability {compute_capability}: rebuild them for it with `hovle-edge build`")

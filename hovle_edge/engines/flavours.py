@@ -98,7 +98,6 @@ def build_targets(trt, flavour: str, asked: list[str]) -> Targets:
     when none are asked; standard TensorRT builds for the GPU it runs on and nothing else."""
     here = gpu_here()
     gpu = here[0] if here else None
-    asked = list(dict.fromkeys(asked))  # keep the order given, drop repeats
     if flavour in AHEAD_OF_TIME:
         supported = supported_capabilities(trt)
         wrong = [c for c in asked if c not in supported]
@@ -106,8 +105,8 @@ def build_targets(trt, flavour: str, asked: list[str]) -> Targets:
             raise EngineBuildError(f"{flavour} {trt.__version__} cannot build for compute capability "
                                    f"{', '.join(wrong)}; it builds for {', '.join(supported)}",
                                    setting="compute_capabilities")
-        if asked:
-            return Targets(asked, gpu)
+        if asked:  # in the enum's order, once each: the same engines whatever order they were named in
+            return Targets([c for c in supported if c in asked], gpu)
         if here is None:
             raise EngineBuildError(f"no GPU here to take a compute capability from: name the architectures "
                                    f"to build for ahead of time ({flavour} builds for {', '.join(supported)})",
@@ -119,7 +118,7 @@ def build_targets(trt, flavour: str, asked: list[str]) -> Targets:
     if here is None:
         raise EngineBuildError(f"{flavour} builds engines on the GPU that will run them, and there is no GPU "
                                f"here; build on the device, or with tensorrt-rtx ahead of time")
-    if asked and asked != [here[1]]:
+    if any(c != here[1] for c in asked):
         raise EngineBuildError(f"{flavour} builds only for the GPU it runs on ({gpu}, compute capability "
                                f"{here[1]}), not for {', '.join(asked)}; build on that device, or with "
                                f"tensorrt-rtx ahead of time", setting="compute_capabilities")

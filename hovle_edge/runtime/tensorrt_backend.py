@@ -17,6 +17,7 @@ import numpy as np
 from hovle_edge.engines.cache import check_compatible, read_engines
 from hovle_edge.engines.flavours import compute_capability, import_flavour
 from hovle_edge.engines.profiles import Limits, Profile, choose_profile
+from hovle_edge.engines.runtime_cache import RuntimeCache, cache_path
 from hovle_edge.files import sha256_file
 from hovle_edge.runtime.backends import BackendError
 from hovle_edge.runtime.device_copy import copy_rows, read_rows
@@ -61,6 +62,7 @@ class TensorRTBackend:
         self.limits = Limits(**self.record["limits"])
         self.stream = check(cudart.cudaStreamCreate())
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.runtime_cache = RuntimeCache(cache_path(self.directory))  # TensorRT for RTX's JIT kernels
         self.engines, self.contexts, self.profiles, self.specs = {}, {}, {}, {}
         # (graph, tensor) -> device pointer of every input and output but the pasts. Keyed by graph
         # too: the embedding and the decoder both name their caches present.{i}.key|value.
@@ -77,7 +79,7 @@ class TensorRTBackend:
             if engine is None:
                 raise BackendError(f"{path}: TensorRT could not load it; rebuild the engines here")
             self.engines[graph] = engine
-            self.contexts[graph] = engine.create_execution_context()
+            self.contexts[graph] = self.runtime_cache.context(engine)
             self.profiles[graph] = [Profile(p["name"], {k: tuple(v) for k, v in p["dims"].items()})
                                     for p in entry["profiles"]]
             self.specs[graph] = manifest.graph_io(graph)
@@ -187,6 +189,7 @@ class TensorRTBackend:
     def close(self) -> None:
         if not getattr(self, "engines", None):
             return
+        self.runtime_cache.save()  # the kernels compiled in this run, for the next start
         for pointer in list(self.buffers.values()) + list(self.kv_allocations):
             self.cudart.cudaFree(pointer)
         self.buffers.clear()
