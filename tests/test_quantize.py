@@ -105,6 +105,7 @@ def test_int4_folder_is_complete_and_the_runtime_reads_it(tiny_export, int4_expo
     section = manifest.data["quantization"]
     assert (section["bits"], section["group_size"], section["method"], section["target"]) == (4, 32, "awq", "onnxruntime")
     assert section["quantized_head"] is False and section["agreement"]["positions"] > 0
+    assert manifest.data["target"] == "onnxruntime"  # MatMulNBits in a portable export: `build` refuses it
     for graph in ("embedding", "decoder"):
         nodes = onnx.load(manifest.graph_path(graph), load_external_data=False).graph.node
         kinds = [n.op_type for n in nodes]
@@ -157,7 +158,9 @@ def test_onnxruntime_flavour_graphs_quantize_too(tiny_checkpoint, tmp_path):
     for graph in ("embedding", "decoder"):
         kinds = [n.op_type for n in onnx.load(manifest.graph_path(graph), load_external_data=False).graph.node]
         assert "GroupQueryAttention" in kinds and kinds.count("MatMulNBits") == 10  # 2 layers x (qkv, o, gate, up, down)
-    assert manifest.data["quantization"]["agreement"]["mean_kl"] < 0.1
+    assert manifest.data["quantization"]["agreement"]["mean_kl"] < 0.1 and manifest.data["target"] == "onnxruntime"
+    with pytest.raises(InputError, match="--target onnxruntime, whose fused ops TensorRT does not parse"):
+        quantize_model(source.directory, str(tmp_path / "trt"), QuantizeSettings(group_size=32, target="tensorrt"))
     with Pipeline.from_dir(manifest.directory) as pipe:
         assert isinstance(pipe.generate("what colour is the circle?", max_new_tokens=3), str)
 
@@ -167,6 +170,7 @@ def test_tensorrt_form_builds_in_the_real_builder(tiny_export, tmp_path):
     settings = QuantizeSettings(bits=4, group_size=32, target="tensorrt", quantize_head=True, held_out_prompts=0)
     manifest = quantize_model(str(tiny_export), str(tmp_path / "trt"), settings, log=lambda line: None)
     assert manifest.data["quantization"]["target"] == "tensorrt" and manifest.data["opset"] == 21
+    assert manifest.data["target"] == "tensorrt"  # still the portable export that `build` takes
     sizes = {"batch": 1, "sequence": 4, "past_sequence": 2, "total_sequence": 6, "kv_capacity": 8, "image_rows": 4}
     logger = trt.Logger(trt.Logger.ERROR)
     for graph in ("embedding", "decoder"):

@@ -61,6 +61,9 @@ def quantize_model(model_dir: str, out: str, settings: QuantizeSettings, overwri
     if "quantization" in source.data:
         raise ModelFolderError(f"{model_dir}: already quantized ({source.data['quantization']['bits']} bits); "
                                "quantize the float export it came from")
+    if settings.target == "tensorrt" and source.data.get("target") == "onnxruntime":
+        raise InputError(f"{model_dir} was exported with --target onnxruntime, whose fused ops TensorRT does not "
+                         "parse: quantize an export made with --target tensorrt for --target tensorrt")
     started = time.perf_counter()
     models, chosen, kept = {}, {}, {}
     for graph in QUANTIZED_GRAPHS:
@@ -165,6 +168,8 @@ def quantized_manifest(source, directory: str, models: dict, reports: dict, kept
                      float_matmuls=len(kept[graph]))
         entry.pop("parity", None)  # parity was against PyTorch in float; the agreement below replaces it
     data["opset"] = max([data["opset"]] + [default_opset(m) for m in models.values()])
+    if settings.target == "onnxruntime":  # MatMulNBits is an ONNX Runtime contrib op: `build` must refuse the folder
+        data["target"] = "onnxruntime"
     data["quantization"] = {
         **{k: v for k, v in asdict(settings).items() if k in ("bits", "group_size", "method", "target")},
         "quantized_head": settings.quantize_head,
