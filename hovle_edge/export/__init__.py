@@ -84,7 +84,8 @@ def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int 
             graphs[graph.name] = graph_entry(graph, tmp, parameters, worst, time.perf_counter() - started)
         bar.close()
         copy_tokenizer(checkpoint, tmp, tokenizer)
-        manifest = build_manifest(config, tokenizer, graphs, precision, opset, max_context, checkpoint, tmp, target)
+        manifest = build_manifest(config, tokenizer, graphs, precision, opset, max_context, checkpoint, tmp, target,
+                                  progress)
         spec.write_manifest(tmp, manifest)
     return spec.load_manifest(out)
 
@@ -113,9 +114,10 @@ def copy_tokenizer(checkpoint: str, directory: str, tokenizer: Tokenizer) -> Non
 
 
 def build_manifest(config, tokenizer: Tokenizer, graphs: dict, precision: str, opset: int, max_context: int,
-                   checkpoint: str, directory: str, target: str = "tensorrt") -> dict:
+                   checkpoint: str, directory: str, target: str = "tensorrt", progress: bool = False) -> dict:
     emb = config.embedding_config
     files = sorted(f for f in os.listdir(directory) if not f.startswith("."))
+    checkpoint_sha256, hashes = hash_inputs_and_outputs(checkpoint, directory, files, progress)
     return {
         "format": spec.MANIFEST_FORMAT,
         "manifest_version": spec.MANIFEST_VERSION,
@@ -135,9 +137,24 @@ def build_manifest(config, tokenizer: Tokenizer, graphs: dict, precision: str, o
         },
         "chat": {"template": config.template, "system": config.extra.get("system_message", INTERNVL_SYSTEM)},
         "graphs": graphs,
-        "checkpoint_sha256": sha256_files(checkpoint_files(checkpoint) + [os.path.join(checkpoint, "config.json")]),
-        "files": {f: sha256_file(os.path.join(directory, f)) for f in files},
+        "checkpoint_sha256": checkpoint_sha256,
+        "files": hashes,
     }
+
+
+def hash_inputs_and_outputs(checkpoint: str, directory: str, files: list[str], progress: bool) -> tuple[str, dict]:
+    """The checkpoint's hash and each written file's, under a bar in bytes (~15 GB at full size)."""
+    sources = checkpoint_files(checkpoint) + [os.path.join(checkpoint, "config.json")]
+    outputs = [os.path.join(directory, f) for f in files]
+    with tqdm(total=sum(map(os.path.getsize, sources + outputs)), desc="hashing", unit="B", unit_scale=True,
+              unit_divisor=1024, disable=not progress) as bar:
+        checkpoint_sha256 = sha256_files(sources)
+        bar.update(sum(map(os.path.getsize, sources)))
+        hashes = {}
+        for name, path in zip(files, outputs):
+            hashes[name] = sha256_file(path)
+            bar.update(os.path.getsize(path))
+    return checkpoint_sha256, hashes
 
 
 def check_context_token(tokenizer: Tokenizer, config) -> None:

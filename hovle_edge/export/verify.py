@@ -84,7 +84,8 @@ def verify_model(checkpoint: str, model_dir: str, image=None, prompt: str = "Wha
         if progress:
             tqdm.write(f"verify [{time.perf_counter() - started:5.0f} s] {what}", file=sys.stderr)
 
-    manifest = load_manifest(model_dir, verify=False)  # Pipeline.from_dir checks the files below
+    stage("hashing the model folder")
+    manifest = load_manifest(model_dir)  # every file re-hashed from disk: verify trusts no remembered hash
     precision = manifest.precision
     # Inputs first (no graph opened: this pipeline only preprocesses), so a bad image fails before loading.
     inputs = Pipeline(manifest, None, Tokenizer.from_dir(model_dir))
