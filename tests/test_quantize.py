@@ -166,32 +166,28 @@ def test_onnxruntime_flavour_graphs_quantize_too(tiny_checkpoint, tmp_path):
 
 
 def test_tensorrt_form_builds_in_the_real_builder(tiny_export, tmp_path):
+    """`hovle-edge build` with TensorRT for RTX ahead of time for SM89 (no GPU needed), every profile."""
     trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX is not installed")
+    from hovle_edge.engines.builder import build_engines
+
     settings = QuantizeSettings(bits=4, group_size=32, target="tensorrt", quantize_head=True, held_out_prompts=0)
     manifest = quantize_model(str(tiny_export), str(tmp_path / "trt"), settings, log=lambda line: None)
     assert manifest.data["quantization"]["target"] == "tensorrt" and manifest.data["opset"] == 21
     assert manifest.data["target"] == "tensorrt"  # still the portable export that `build` takes
-    sizes = {"batch": 1, "sequence": 4, "past_sequence": 2, "total_sequence": 6, "kv_capacity": 8, "image_rows": 4}
     logger = trt.Logger(trt.Logger.ERROR)
-    for graph in ("embedding", "decoder"):
-        builder = trt.Builder(logger)
-        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    for graph in ("embedding", "decoder"):  # TensorRT sees INT4 weights, not weights folded back to float
+        network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
         assert parser.parse_from_file(manifest.graph_path(graph)), parser.get_error(0).desc()
         layers = [network.get_layer(i) for i in range(network.num_layers)]
         dequantize = [layer for layer in layers if layer.type == trt.LayerType.DEQUANTIZE]
         assert len(dequantize) == manifest.data["graphs"][graph]["quantized_matmuls"]
         assert {layer.get_input(0).dtype for layer in dequantize} == {trt.DataType.INT4}
-        config = builder.create_builder_config()
-        config.num_compute_capabilities = 1
-        config.set_compute_capability(trt.ComputeCapability.SM89, 0)
-        profile = builder.create_optimization_profile()
-        inputs, _ = manifest.graph_io(graph)
-        for tensor in inputs:
-            shape = tuple(sizes[d] if isinstance(d, str) else d for d in tensor.dims)
-            profile.set_shape(tensor.name, shape, shape, shape)
-        config.add_optimization_profile(profile)
-        assert builder.build_serialized_network(network, config) is not None, f"{graph}: TensorRT build failed"
+    record = build_engines(manifest.directory, str(tmp_path / "engines"), flavour="tensorrt-rtx",
+                           compute_capabilities=["8.9"], max_context=64, cache_dir=str(tmp_path / "cache"),
+                           log=lambda line: None)
+    assert set(record["engines"]) == {"vision", "embedding", "decoder"}
+    assert all((tmp_path / "engines" / e["file"]).stat().st_size > 0 for e in record["engines"].values())
 
 
 def test_tensorrt_form_runs_in_onnx_runtime(tiny_export, tmp_path):
