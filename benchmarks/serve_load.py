@@ -38,18 +38,19 @@ def scene_request(seed: int) -> tuple[str, list[str]]:
     return url, [q for q, _ in questions(things, random.Random(seed))]
 
 
-def ask(client, url: str, question: str, max_tokens: int) -> tuple[float, float]:
-    """(time to first token, total) in seconds for one streamed answer."""
+def ask(client, url: str, question: str, max_tokens: int) -> tuple[float, float, dict]:
+    """(time to first token, total) in seconds for one streamed answer, and the server's own timings."""
     started = time.perf_counter()
-    first = None
+    first, timings = None, {}
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
                                             max_tokens=max_tokens, temperature=0, stream=True)
     for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
             first = time.perf_counter() - started
+        timings = (chunk.model_extra or {}).get("timings") or timings
     total = time.perf_counter() - started
-    return (total if first is None else first), total
+    return (total if first is None else first), total, timings
 
 
 def load(base_url: str, clients: int, seconds: float, max_tokens: int, seeds) -> dict:
@@ -64,7 +65,7 @@ def load(base_url: str, clients: int, seconds: float, max_tokens: int, seeds) ->
                 seed = next(seeds)
             url, asked = scene_request(seed)
             try:
-                first, total = ask(client, url, asked[0], max_tokens)
+                first, total, _ = ask(client, url, asked[0], max_tokens)
             except openai.APIError as e:
                 with lock:
                     errors.append(repr(e))
@@ -99,15 +100,29 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def cache_effect(base_url: str, images: int, max_tokens: int, seeds) -> tuple[list[float], list[float]]:
-    """TTFT of the first question about a fresh image and of a second question about the same image."""
+def cache_effect(base_url: str, images: int, max_tokens: int, seeds) -> dict:
+    """Medians over fresh images of the first question about an image and of a second question about
+    the same image: TTFT seen by the client, and the server's time for the prompt (cache, vision, prefill)."""
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
-    firsts, seconds = [], []
+    runs = {"first": [], "second": []}
     for _ in range(images):
         url, asked = scene_request(next(seeds))
-        firsts.append(ask(client, url, asked[0], max_tokens)[0])
-        seconds.append(ask(client, url, asked[-1] if len(asked) > 1 else asked[0] + " ", max_tokens)[0])
-    return firsts, seconds
+        runs["first"].append(ask(client, url, asked[0], max_tokens))
+        runs["second"].append(ask(client, url, asked[-1] if len(asked) > 1 else asked[0] + " ", max_tokens))
+    return {which: {"ttft": statistics.median(r[0] for r in done),
+                    "prompt_ms": statistics.median(r[2]["prompt_ms"] for r in done),
+                    "first_token_ms": statistics.median(r[2]["first_token_ms"] for r in done)}
+            for which, done in runs.items()}
+
+
+def health(base_url: str) -> str:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health") as response:
+        state = json.load(response)
+    return ", ".join(f"{name} {state[name]['entries']} entries {state[name]['mb']} MB"
+                     for name in ("prefix_cache", "image_cache"))
 
 
 def free_port() -> int:
@@ -116,9 +131,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: str, port: int, threads: int | None, cache_mb: float) -> subprocess.Popen:
+def start_server(model_dir: str, port: int, threads: int | None, cache_mb: float,
+                 image_cache_mb: float) -> subprocess.Popen:
     command = ["hovle-edge", "serve", "--model", model_dir, "--port", str(port), "--model-name", MODEL,
-               "--cache-mb", str(cache_mb), "--max-queue", "256"]
+               "--cache-mb", str(cache_mb), "--image-cache-mb", str(image_cache_mb), "--max-queue", "256"]
     if threads:
         command += ["--threads", str(threads)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -144,11 +160,13 @@ def main():
     parser.add_argument("--rss-requests", type=int, default=500)
     parser.add_argument("--cache-images", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="The server's ONNX Runtime threads.")
-    parser.add_argument("--cache-mb", type=float, default=256)
+    # Small budgets, so that both caches are full before RSS is first read: growth after that is a leak.
+    parser.add_argument("--cache-mb", type=float, default=32)
+    parser.add_argument("--image-cache-mb", type=float, default=4)
     args = parser.parse_args()
 
     port = free_port()
-    server = start_server(args.model, port, args.threads, args.cache_mb)
+    server = start_server(args.model, port, args.threads, args.cache_mb, args.image_cache_mb)
     base_url = f"http://127.0.0.1:{port}/v1"
     seeds = iter(range(10_000_000, 20_000_000))
     try:
@@ -162,19 +180,24 @@ def main():
                   f"{1000 * percentile(r['ttft'], 99):11.0f}  {1000 * percentile(r['total'], 50):12.0f}  "
                   f"{1000 * percentile(r['total'], 99):12.0f}  {r['errors']:6d}  {r['first_error']}")
 
-        before = rss_mib(server.pid)
+        before, caches = rss_mib(server.pid), health(base_url)
         done = errors = 0
         while done < args.rss_requests:
             r = load(base_url, 4, 5.0, args.max_tokens, seeds)
             done, errors = done + r["requests"], errors + r["errors"]
         after = rss_mib(server.pid)
         print(f"\nserver RSS before {before:.0f} MiB, after {done} more requests {after:.0f} MiB "
-              f"({after - before:+.0f} MiB), errors {errors}")
+              f"({after - before:+.0f} MiB), errors {errors}; caches before {caches}, after {health(base_url)}")
 
-        firsts, seconds = cache_effect(base_url, args.cache_images, args.max_tokens, seeds)
-        first, second = statistics.median(firsts), statistics.median(seconds)
-        print(f"prefix + image cache, {args.cache_images} fresh images, median TTFT: first question {1000 * first:.0f} ms, "
-              f"second question about the same image {1000 * second:.0f} ms ({first / second:.1f}x lower)")
+        effect = cache_effect(base_url, args.cache_images, args.max_tokens, seeds)
+        print(f"\nprefix + image cache, medians over {args.cache_images} fresh images (1 client):")
+        print("                       client TTFT ms  server prompt ms  server first token ms")
+        for which, label in (("first", "first question"), ("second", "same image, 2nd q")):
+            e = effect[which]
+            print(f"{label:<22} {1000 * e['ttft']:14.1f}  {e['prompt_ms']:16.2f}  {e['first_token_ms']:21.2f}")
+        first, second = effect["first"], effect["second"]
+        print(f"second / first: client TTFT {first['ttft'] / second['ttft']:.1f}x lower, server prompt "
+              f"{first['prompt_ms'] / second['prompt_ms']:.1f}x lower")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -61,7 +61,11 @@ def create_app(settings: ServeSettings, engine=None) -> Starlette:
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": settings.model_name, "active": worker.active,
-                             "waiting": worker.jobs.qsize(), "cancelled": worker.cancelled})
+                             "waiting": worker.jobs.qsize(), "cancelled": worker.cancelled,
+                             "prefix_cache": {"entries": len(worker.prefix_cache.entries),
+                                              "mb": round(worker.prefix_cache.used / 2**20, 2)},
+                             "image_cache": {"entries": len(worker.image_cache.entries),
+                                             "mb": round(worker.image_cache.used / 2**20, 2)}})
 
     async def models(request: Request):
         authorize(request)
@@ -123,7 +127,8 @@ def create_app(settings: ServeSettings, engine=None) -> Starlette:
                 if isinstance(event, Delta):
                     yield sse(protocol.chunk(request_id, settings.model_name, {"content": event.text}))
                 elif isinstance(event, Finished):
-                    yield sse(protocol.chunk(request_id, settings.model_name, {}, event.reason, usage(event)))
+                    yield sse(protocol.chunk(request_id, settings.model_name, {}, event.reason, usage(event),
+                                             event.timings))
                     yield "data: [DONE]\n\n"
                     return
                 else:
@@ -145,7 +150,7 @@ def create_app(settings: ServeSettings, engine=None) -> Starlette:
         if isinstance(event, Failed):
             raise RequestError(event.status, event.message)
         return JSONResponse(protocol.completion(request_id, settings.model_name, "".join(pieces), event.reason,
-                                                usage(event)))
+                                                usage(event), event.timings))
 
     @asynccontextmanager
     async def lifespan(app):

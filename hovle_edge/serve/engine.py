@@ -1,38 +1,21 @@
-"""The serve package's one door into the runtime: the step API of a Pipeline (new cache, prefill,
-decode step, vision, snapshot and resume) and what the server needs to know about the model. Only
-the model thread calls the graph methods; nothing here imports torch."""
+"""The serve package's one door into the runtime: a Pipeline's step API (new cache, prefill, decode
+step, vision, snapshot and restore) and what the server needs to know about the model. Only the
+model thread calls the graph methods; nothing here imports torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from hovle_edge.runtime.kv_cache import ConversationCache
-from hovle_edge.runtime.pipeline import Pipeline, Timings
-from hovle_edge.spec import past_names
-
-
-@dataclass
-class Snapshot:
-    """Both stacks' pasts for the first `length` slots."""
-
-    embedding: dict
-    llm: dict
-    length: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for stack in (self.embedding, self.llm) for v in stack.values())
+from hovle_edge.runtime.kv_cache import CacheSnapshot, ConversationCache
+from hovle_edge.runtime.pipeline import Pipeline
 
 
 class Engine:
     def __init__(self, pipe: Pipeline):
         self.pipe = pipe
-        self.manifest = pipe.manifest
         self.tokenizer = pipe.tokenizer
         self.template = pipe.template
-        self.max_context = pipe.manifest.max_context
+        self.max_context = pipe.backend.max_context  # the export's, or less for engines built smaller
         self.stop_ids = set(pipe.manifest.stop_ids)
         self.tokens_per_tile = pipe.manifest.model["tokens_per_tile"]
 
@@ -51,24 +34,23 @@ class Engine:
         return self.pipe.image_embeds(pixel_values)
 
     def new_cache(self, capacity: int) -> ConversationCache:
-        m = self.manifest
-        return ConversationCache(m.stack("embedding"), m.stack("llm"), m.kv_dtype, capacity)
+        return self.pipe.new_cache(capacity)
 
     def prefill(self, cache: ConversationCache, ids: list[int], image_embeds: np.ndarray | None) -> np.ndarray:
-        return self.pipe.forward(cache, ids, image_embeds, Timings(), prefill=True)
+        return self.pipe.prefill(cache, ids, image_embeds)
 
     def decode_step(self, cache: ConversationCache, token: int) -> np.ndarray:
-        return self.pipe.forward(cache, [token], None, Timings())
+        return self.pipe.decode_step(cache, token)
 
-    def snapshot(self, cache: ConversationCache) -> Snapshot:
-        # The runtime hands back new arrays each step and never writes into old ones: holding them is a snapshot.
-        return Snapshot(dict(cache.embedding.values), dict(cache.llm.values), cache.length)
+    def snapshot(self, cache: ConversationCache) -> CacheSnapshot:
+        return cache.snapshot()
 
-    def resume(self, snapshot: Snapshot, length: int, capacity: int) -> ConversationCache:
-        """A new cache holding the snapshot's first `length` slots (length <= snapshot.length)."""
+    def resume(self, snapshot: CacheSnapshot, length: int, capacity: int) -> ConversationCache:
+        """A new cache holding the snapshot's first `length` slots (a shared prefix of what it held)."""
         cache = self.new_cache(capacity)
-        for stack, saved in ((cache.embedding, snapshot.embedding), (cache.llm, snapshot.llm)):
-            for name in past_names(stack.stack.layers):
-                stack.values[name] = np.ascontiguousarray(saved[name][:, :, :length])
-        cache.length = length
+        if length < snapshot.length:  # slicing the host copy writes back only the slots that are shared
+            rows = {graph: {name: rows[:, :, :length] for name, rows in stack.items()}
+                    for graph, stack in snapshot.rows.items()}
+            snapshot = CacheSnapshot(length, rows)
+        cache.restore(snapshot)
         return cache

@@ -155,17 +155,20 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion(request_id: str, model: str, text: str, finish_reason: str, usage_counts: dict) -> dict:
+# `timings` (server milliseconds) rides along as llama.cpp's server sends it; clients ignore it.
+
+def completion(request_id: str, model: str, text: str, finish_reason: str, usage_counts: dict,
+               timings: dict) -> dict:
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": finish_reason, "logprobs": None}],
-            "usage": usage_counts}
+            "usage": usage_counts, "timings": timings}
 
 
 def chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = None,
-          usage_counts: dict | None = None) -> dict:
+          usage_counts: dict | None = None, timings: dict | None = None) -> dict:
     body = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
     if usage_counts is not None:
-        body["usage"] = usage_counts
+        body["usage"], body["timings"] = usage_counts, timings
     return body

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,6 +39,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens taken from the prefix cache instead of computed
+    timings: dict  # milliseconds on the server: queued, prompt (cache, vision, prefill), first_token, total
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Job:
     stop: list[str]
     post: Callable[[object], None]  # hands an event to the request's HTTP side; thread-safe
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 class Worker:
@@ -121,13 +124,17 @@ class Worker:
         engine, ids = self.engine, job.prompt.ids
         if job.cancelled.is_set():
             return self._gone(job)
+        started = time.perf_counter()
         cache, cached = self._resume(job)
         logits = engine.prefill(cache, ids[cached:], self._image_rows(job, cached))
+        timings = {"queued_ms": started - job.submitted, "prompt_ms": time.perf_counter() - started}
         fed = list(ids)  # what the cache holds
         sampler, decoder, stops = Sampler(job.sampling), StreamDecoder(engine.tokenizer), StopStrings(job.stop)
         completion, reason = 0, "length"
         for step in range(job.max_tokens):
             token = sampler(logits, fed)
+            if step == 0:
+                timings["first_token_ms"] = time.perf_counter() - job.submitted
             if token in engine.stop_ids:
                 reason = "stop"
                 break
@@ -148,7 +155,8 @@ class Worker:
         tail = stops.push(decoder.flush()) + stops.flush()
         if tail:
             job.post(Delta(tail))
-        job.post(Finished(reason, len(ids), completion, cached))
+        timings["total_ms"] = time.perf_counter() - job.submitted
+        job.post(Finished(reason, len(ids), completion, cached, {k: round(1000 * v, 2) for k, v in timings.items()}))
         self._remember(job, fed, cache)
 
     def _gone(self, job: Job) -> None:
