@@ -257,3 +257,10 @@ def test_roofline_counts_the_quantized_bytes(tiny_export, int4_export):
     assert int4_cost.weight_bytes == round(linear * (0.5 + 4 / 32)) + 4 * (4 * 128 + 64 + 64) + 4 * 512 * 64
     assert float_cost.weight_bytes - int4_cost.weight_bytes == 4 * linear - round(linear * (0.5 + 4 / 32))
     assert int4_cost.kv_bytes_per_token == float_cost.kv_bytes_per_token
+
+
+def test_verify_sends_a_quantized_folder_to_its_agreement(tiny_checkpoint, int4_export):
+    from hovle_edge.export.verify import verify_model
+
+    with pytest.raises(ModelFolderError, match="cannot match PyTorch bit for bit: verify the float folder"):
+        verify_model(str(tiny_checkpoint), int4_export.directory, progress=False)

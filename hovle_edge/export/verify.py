@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from hovle_edge import spec
+from hovle_edge.errors import ModelFolderError
 from hovle_edge.export.graphs import graph_specs
 from hovle_edge.export.ort_parity import check_in_place_graph, in_place_spec
 from hovle_edge.export.parity import TOLERANCE, ParityRow, RecordedOutputs, check_graph, compare, reference_cases
@@ -86,6 +87,13 @@ def verify_model(checkpoint: str, model_dir: str, image=None, prompt: str = "Wha
 
     stage("hashing the model folder")
     manifest = load_manifest(model_dir)  # every file re-hashed from disk: verify trusts no remembered hash
+    quantized = manifest.data.get("quantization")
+    if quantized:  # its weights were rounded on purpose: parity with PyTorch cannot hold
+        agreement = quantized.get("agreement") or {}
+        raise ModelFolderError(f"{model_dir} holds {quantized['bits']}-bit weights made by `hovle-edge quantize`, which "
+                               "cannot match PyTorch bit for bit: verify the float folder it came from; this one's check "
+                               f"is its agreement with that folder (top-1 {agreement.get('top1_agreement')}, mean KL "
+                               f"{agreement.get('mean_kl')} on held-out prompts, manifest.json quantization.agreement)")
     precision = manifest.precision
     # Inputs first (no graph opened: this pipeline only preprocesses), so a bad image fails before loading.
     inputs = Pipeline(manifest, None, Tokenizer.from_dir(model_dir))
