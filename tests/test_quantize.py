@@ -264,3 +264,21 @@ def test_verify_sends_a_quantized_folder_to_its_agreement(tiny_checkpoint, int4_
 
     with pytest.raises(ModelFolderError, match="cannot match PyTorch bit for bit: verify the float folder"):
         verify_model(str(tiny_checkpoint), int4_export.directory, progress=False)
+
+
+def test_quantize_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class BlockTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('torch is blocked in this test')\n"
+            "sys.meta_path.insert(0, BlockTorch())\n"
+            "import hovle_edge.quantize, hovle_edge.quantize.agreement, hovle_edge.quantize.calibration\n"
+            "hovle_edge.quantize.calibration.shapes_world_samples(2)\n"
+            "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
