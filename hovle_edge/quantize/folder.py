@@ -21,7 +21,8 @@ from hovle_edge.files import atomic_directory, check_replaceable, folder_with, s
 from hovle_edge.quantize.agreement import measure_agreement
 from hovle_edge.quantize.awq import output_error, rows_for_search, search_clip, search_scale
 from hovle_edge.quantize.blocks import BITS, check_group_size
-from hovle_edge.quantize.calibration import HELD_OUT_SEED, calibration_samples, collect_activations, folder_samples
+from hovle_edge.quantize.calibration import (HELD_OUT_SEED, calibration_samples, collect_activations, folder_samples,
+                                             shapes_world_samples)
 from hovle_edge.quantize.graph import TARGETS, default_opset, rewrite, weight_matmuls
 
 QUANTIZED_GRAPHS = ("embedding", "decoder")
@@ -54,6 +55,7 @@ class QuantizeSettings:
 
 def quantize_model(model_dir: str, out: str, settings: QuantizeSettings, overwrite: bool = False,
                    log=print) -> spec.Manifest:
+    """Quantize the float folder `model_dir` into `out`; returns the new folder's manifest."""
     made_here = folder_with(spec.MANIFEST, format=spec.MANIFEST_FORMAT)  # what --overwrite may replace
     inputs = [model_dir, settings.calibration]
     check_replaceable(out, overwrite, made_here, inputs, what="quantized folder")  # before any work
@@ -102,8 +104,6 @@ def quantize_model(model_dir: str, out: str, settings: QuantizeSettings, overwri
 def split_prompts(settings: QuantizeSettings) -> tuple[list, list]:
     """(calibration prompts, held-out prompts). A calibration folder gives its last prompts to the
     held-out set; the shapes world draws the held-out scenes from seeds of their own."""
-    from hovle_edge.quantize.calibration import shapes_world_samples
-
     needs_calibration = settings.method == "awq"
     if settings.calibration is None:
         calibration = calibration_samples(None, settings.calibration_prompts) if needs_calibration else []
