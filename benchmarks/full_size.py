@@ -4,7 +4,7 @@ fp32), `verify` and the first and second start of `run`, each command in its own
 config (bf16 shards, ~5 GB) under the work folder when it is absent; speed and memory do not depend
 on the weights' values.
 
-    python benchmarks/full_size.py --work /tmp/full-size [--steps export-fp16,export-fp32,verify,run]
+    python benchmarks/full_size.py --work /tmp/full-size [--target tensorrt] [--steps export-fp32,verify,run]
 
 Needs ~5 GB + 5 GB (fp16) + 10 GB (fp32) of disk; `--drop-fp32` deletes the fp32 export at the end."""
 
@@ -22,8 +22,8 @@ import time
 
 GIB = 2**30
 # Issue 21's figures before this work, and its budgets (peak RSS GiB, wall seconds).
-BEFORE = {"export-fp16": "stopped at 21.1 GiB", "export-fp32": "17.4 GiB, 236 s",
-          "verify": "stopped at 20.5 GiB", "run (first start)": "writes a 9.1 GB copy", "run (second start)": "~40 s"}
+BEFORE = {"export-fp16": "stopped at 21.1 GiB", "export-fp32": "17.4 GiB, 236 s", "verify": "stopped at 20.5 GiB",
+          "run": "~40 s; 9.1 GB cache"}
 BUDGET_GIB = {"export-fp16": 12, "export-fp32": 14, "verify": 12}
 RUN_PROMPT = "Say hello."
 
@@ -118,51 +118,60 @@ def folder_bytes(directory: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/full-size")
-    parser.add_argument("--steps", default="export-fp16,export-fp32,verify,run")
+    parser.add_argument("--steps", default="export-fp32,verify,run,export-fp16",
+                        help="in this order; verify and run use the fp32 folder when there is one")
+    parser.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                        help="graph target of the exports (the CLI's default: onnxruntime)")
     parser.add_argument("--drop-fp32", action="store_true", help="delete the fp32 export after measuring it")
     args = parser.parse_args()
-    steps = args.steps.split(",")
     checkpoint = os.path.join(args.work, "checkpoint")
     os.makedirs(args.work, exist_ok=True)
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         print(f"building the random 2.6B checkpoint in {checkpoint}", flush=True)
         build_checkpoint(checkpoint)
     cli = [sys.executable, "-m", "hovle_edge.cli"]
+    folder = {p: os.path.join(args.work, f"{p}-{args.target}") for p in ("fp32", "fp16")}
     results = []
-    for precision in ("fp16", "fp32"):
-        if f"export-{precision}" in steps:
-            out = os.path.join(args.work, precision)
-            results.append(measure(f"export-{precision}", [*cli, "export", "--checkpoint", checkpoint, "--out", out,
-                                                           "--dtype", precision, "--overwrite"],
-                                   os.path.join(args.work, f"export-{precision}.log")))
-    verified = os.path.join(args.work, "fp32" if os.path.isdir(os.path.join(args.work, "fp32")) else "fp16")
-    if "verify" in steps:
-        step = f"verify ({os.path.basename(verified)})"
-        results.append(measure(step, [*cli, "verify", "--checkpoint", checkpoint, "--model", verified],
-                               os.path.join(args.work, "verify.log")))
-    if "run" in steps:
-        before = folder_bytes(verified)
-        for name in os.listdir(verified):  # a first start: nothing cached by an earlier run
-            if name.startswith(".ort"):
-                shutil.rmtree(os.path.join(verified, name), ignore_errors=True)
-        sessions = ("import sys, onnxruntime as ort; d = sys.argv[1]; "
-                    "[ort.InferenceSession(f'{d}/{g}.onnx', providers=['CPUExecutionProvider']) "
-                    "for g in ('vision', 'embedding', 'decoder')]")
-        results.append(measure("ORT sessions alone", [sys.executable, "-c", sessions, verified],
-                               os.path.join(args.work, "sessions.log")))
-        run = [*cli, "run", "--model", verified, "--prompt", RUN_PROMPT, "--max-new-tokens", "4", "--no-stream"]
-        for which in ("first", "second"):
-            results.append(measure(f"run ({which} start)", run, os.path.join(args.work, f"run-{which}.log")))
-        grown = folder_bytes(verified) - before
-        results[-1].note = f"model folder grew by {grown / 2**20:.0f} MiB over the two starts"
+    for step in args.steps.split(","):
+        verified = folder["fp32"] if os.path.isdir(folder["fp32"]) else folder["fp16"]
+        name = os.path.basename(verified)
+        if step.startswith("export-"):
+            precision = step.split("-")[1]
+            results.append(measure(f"{step} ({args.target})",
+                                   [*cli, "export", "--checkpoint", checkpoint, "--out", folder[precision], "--dtype",
+                                    precision, "--target", args.target, "--overwrite"],
+                                   os.path.join(args.work, f"{step}-{args.target}.log")))
+        elif step == "verify":
+            results.append(measure(f"verify ({name})", [*cli, "verify", "--checkpoint", checkpoint, "--model", verified],
+                                   os.path.join(args.work, f"verify-{name}.log")))
+        elif step == "run":
+            results += measure_starts(cli, verified, args.work)
     if args.drop_fp32:
-        shutil.rmtree(os.path.join(args.work, "fp32"), ignore_errors=True)
-    print(f"\n{'step':<20} {'wall s':>7} {'peak GiB':>9} {'budget':>7}  {'before':<22} note")
+        shutil.rmtree(folder["fp32"], ignore_errors=True)
+    print(f"\n{'step':<34} {'wall s':>7} {'peak GiB':>9} {'budget':>7}  {'before':<22} note")
     for r in results:
-        budget = BUDGET_GIB.get(r.step.split(" ")[0])
-        print(f"{r.step:<20} {r.seconds:>7.0f} {r.peak_gib:>9.2f} {budget or '':>7}  "
-              f"{BEFORE.get(r.step.split(' (')[0] if r.step.startswith('verify') else r.step, ''):<22} "
-              f"{'' if r.ok else 'FAILED '}{r.note}")
+        kind = r.step.split(" ")[0]
+        print(f"{r.step:<34} {r.seconds:>7.0f} {r.peak_gib:>9.2f} {BUDGET_GIB.get(kind, ''):>7}  "
+              f"{BEFORE.get(kind, ''):<22} {'' if r.ok else 'FAILED '}{r.note}")
+
+
+def measure_starts(cli: list[str], model_dir: str, work: str) -> list[Measurement]:
+    """ONNX Runtime sessions alone, then `run` twice: a cold first start (no remembered hash: a folder just
+    copied to a device), the second with what the first left; and how much the folder grew."""
+    from hovle_edge.verified_hashes import RECORD
+
+    if os.path.exists(os.path.join(model_dir, RECORD)):  # a cold first start: no hash remembered yet
+        os.remove(os.path.join(model_dir, RECORD))
+    before = folder_bytes(model_dir)
+    sessions = ("import sys, onnxruntime as ort; d = sys.argv[1]; "
+                "[ort.InferenceSession(f'{d}/{g}.onnx', providers=['CPUExecutionProvider']) "
+                "for g in ('vision', 'embedding', 'decoder')]")
+    results = [measure("ORT sessions alone", [sys.executable, "-c", sessions, model_dir], os.path.join(work, "sessions.log"))]
+    run = [*cli, "run", "--model", model_dir, "--prompt", RUN_PROMPT, "--max-new-tokens", "4", "--no-stream"]
+    for which in ("first", "second"):
+        results.append(measure(f"run ({which} start)", run, os.path.join(work, f"run-{which}.log")))
+    results[-1].note = f"model folder grew by {(folder_bytes(model_dir) - before) / 2**20:.0f} MiB over the two starts"
+    return results
 
 
 if __name__ == "__main__":
