@@ -158,8 +158,8 @@ def run_torch(folder: str, ids: list[int], new_tokens: int):
     state = {}
 
     def forward(input_ids):
-        out = model(torch.tensor([input_ids]), past_key_values=state.get("past"), use_cache=True)
-        state["past"] = out.past_key_values
+        out = model(torch.tensor([input_ids]), cache=state.get("cache"), use_cache=True)
+        state["cache"] = out.cache
         return out.logits[0, -1].numpy()
 
     with torch.inference_mode():
@@ -169,9 +169,18 @@ def run_torch(folder: str, ids: list[int], new_tokens: int):
 def worker(engine: str, folder: str, context: int, new_tokens: int) -> dict:
     run = run_hovle if engine.startswith("hovle") else run_genai if engine.startswith("genai") else run_torch
     ttft, steps = run(folder, prompt_ids(context), new_tokens)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {"engine": engine, "context": context, "ttft_ms": 1000 * ttft,
-            "step_ms": 1000 * statistics.median(steps), "rss_mb": rss_mb}
+            "step_ms": 1000 * statistics.median(steps), "rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss, which a process started
+    with fork + exec inherits from its parent (here the one that ran the exports)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on Linux, bytes on macOS
 
 
 def prepare(engine: str, work: str) -> str:
