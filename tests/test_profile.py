@@ -56,6 +56,8 @@ def pipe(tiny_export):
 def test_prompt_has_the_asked_number_of_text_tokens(pipe):
     ids = prompt_ids(pipe, 240, tiles=2)  # the tiny model keeps InternVL's long default system message
     assert len(ids) == 240 + 2 * 4 and ids.count(7) == 8
+    # The template's control tokens, as a chat turn has them: system, user and assistant opened.
+    assert ids.count(pipe.tokenizer.token_id("<|im_start|>")) == 3
     with pytest.raises(InputError, match="shorter than the template"):
         prompt_ids(pipe, 3, tiles=0)
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from hovle_edge.errors import InputError
-from hovle_edge.tokenizer import (IMG_CONTEXT, ChatTemplate, StreamDecoder, Tokenizer, train_tokenizer)
+from hovle_edge.tokenizer import IMG_CONTEXT, ChatTemplate, Prompt, StreamDecoder, Tokenizer, train_tokenizer
 
 spm = pytest.importorskip("sentencepiece")
 mistral_common = pytest.importorskip("mistral_common")
@@ -64,7 +64,7 @@ def test_convert_writes_an_equivalent_tokenizer_json(sp_dir, tmp_path):
 def test_special_tokens_are_single_ids_and_text_around_them_is_unchanged(sp_dir):
     sp = spm.SentencePieceProcessor(model_file=SP_MODEL)
     tokenizer = Tokenizer.from_dir(str(sp_dir))
-    ids = tokenizer.encode("<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is this?<|im_end|>")
+    ids = tokenizer.encode(Prompt.trusted("<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is this?<|im_end|>"))
     assert ids[0] == 32001 and ids.count(32004) == 2 and 32002 in ids and 32003 in ids and ids[-1] == 32000
     assert ids[1:ids.index(32002)] == sp.encode("user\n")
     assert ids[ids.index(32003) + 1:-1] == sp.encode("\nWhat is this?")

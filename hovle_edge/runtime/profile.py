@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hovle_edge.errors import InputError
-from hovle_edge.tokenizer import IM_START, IM_END
+from hovle_edge.tokenizer import IM_END, IM_START, Prompt
 
 # (key in a run's record, label in the table); all in milliseconds except tokens/s.
 METRICS = [
@@ -105,8 +105,9 @@ def device_memory_mb() -> float | None:
 def prompt_ids(pipe, prompt_tokens: int, tiles: int) -> list[int]:
     """A templated prompt with exactly `prompt_tokens` text tokens around the image block."""
     tokenizer, template = pipe.tokenizer, pipe.template
-    head = tokenizer.encode(template.system_block() + f"{IM_START}user\n" + template.with_image("", tiles), bos=True)
-    tail = tokenizer.encode(f"{IM_END}{IM_START}assistant\n")
+    head = tokenizer.encode(template.system_block() + Prompt.trusted(f"{IM_START}user\n") + template.with_image("", tiles),
+                            bos=True)
+    tail = tokenizer.encode(Prompt.trusted(f"{IM_END}{IM_START}assistant\n"))
     image_tokens = tiles * template.tokens_per_tile
     filler = prompt_tokens - (len(head) - image_tokens) - len(tail)
     if filler < 1:
