@@ -18,10 +18,11 @@ from hovle_edge.engines.cache import check_compatible, read_engines
 from hovle_edge.engines.flavours import compute_capability, import_flavour
 from hovle_edge.engines.profiles import Limits, Profile, choose_profile
 from hovle_edge.engines.runtime_cache import RuntimeCache, cache_path
-from hovle_edge.files import sha256_file
+from hovle_edge.files import resolve_inside
 from hovle_edge.runtime.backends import BackendError
 from hovle_edge.runtime.device_copy import copy_rows, read_rows
 from hovle_edge.spec import GRAPHS, Manifest
+from hovle_edge.verified_hashes import VerifiedHashes
 
 ITEM_BYTES = {"float32": 4, "float16": 2, "int64": 8}
 
@@ -69,10 +70,11 @@ class TensorRTBackend:
         self.buffers: dict[tuple[str, str], int] = {}
         self.kv_allocations: set[int] = set()  # caches handed out and not yet freed
         self.max_context = self.limits.max_context
+        hashes = VerifiedHashes(self.directory)  # an unchanged engine is not read twice to be hashed
         for graph in GRAPHS:
             entry = self.record["engines"][graph]
-            path = os.path.join(self.directory, entry["file"])
-            if sha256_file(path) != entry["sha256"]:
+            path = resolve_inside(self.directory, entry["file"], "engines.json")
+            if hashes.sha256(path) != entry["sha256"]:
                 raise BackendError(f"{path}: sha256 does not match engines.json; rebuild the engines")
             with open(path, "rb") as f:
                 engine = runtime.deserialize_cuda_engine(f.read())
@@ -84,6 +86,7 @@ class TensorRTBackend:
                                     for p in entry["profiles"]]
             self.specs[graph] = manifest.graph_io(graph)
             self._allocate(graph)
+        hashes.save()
         self.on_device = True
 
     def _largest(self, spec, graph: str) -> int:
