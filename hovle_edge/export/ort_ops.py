@@ -16,13 +16,15 @@ ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "in
 
 
 class GraphWriter:
-    """Collects one graph's nodes, initializers and I/O; every float weight is stored in `dtype`."""
+    """Collects one graph's nodes, initializers and I/O; every float weight is stored in `dtype`.
+    Initializers go straight into the ModelProto that model() returns: building a GraphProto and a
+    ModelProto from lists would copy every weight twice (13.7 GiB for HoVLE 2.6B's fp16 export)."""
 
     def __init__(self, name: str, dtype: str):
         self.name = name
         self.dtype = dtype
+        self.proto = onnx.ModelProto()
         self.nodes: list = []
-        self.initializers: list = []
         self.inputs: list = []
         self.outputs: list = []
         self._constants: dict = {}
@@ -43,8 +45,11 @@ class GraphWriter:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """A float weight in the graph's dtype, under the checkpoint-like `name`."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=self.dtype), name))
+        self._initializer(np.ascontiguousarray(array, dtype=self.dtype), name)
         return name
+
+    def _initializer(self, array: np.ndarray, name: str) -> None:
+        self.proto.graph.initializer.add().CopyFrom(numpy_helper.from_array(array, name))  # the only kept copy
 
     def const(self, values, dtype=np.int64) -> str:
         """A small constant (shape, axis, scalar), written once however often it is asked for."""
@@ -52,7 +57,7 @@ class GraphWriter:
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._constants:
             name = self.unique(f"const_{array.dtype.name}")
-            self.initializers.append(numpy_helper.from_array(array, name))
+            self._initializer(array, name)
             self._constants[key] = name
         return self._constants[key]
 
@@ -68,10 +73,14 @@ class GraphWriter:
         return names[0] if len(names) == 1 and not isinstance(out, list) and outputs == 1 else names
 
     def model(self, opset: int) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MICROSOFT, 1)],
-                                  producer_name="hovle-edge")
-        model.ir_version = min(model.ir_version, 10)  # what onnxruntime 1.2x reads
+        model, graph = self.proto, self.proto.graph
+        graph.name = self.name
+        graph.node.extend(self.nodes)
+        graph.input.extend(self.inputs)
+        graph.output.extend(self.outputs)
+        model.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(MICROSOFT, 1)])
+        model.producer_name = "hovle-edge"
+        model.ir_version = min(onnx.IR_VERSION, 10)  # what onnxruntime 1.2x reads
         return model
 
 
