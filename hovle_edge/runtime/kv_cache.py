@@ -25,6 +25,13 @@ class CacheSnapshot:
     def nbytes(self) -> int:
         return sum(a.nbytes for stack in self.rows.values() for a in stack.values())
 
+    def prefix(self, length: int) -> "CacheSnapshot":
+        """The first `length` slots only (views, no copy): a shorter prefix shared with another prompt."""
+        if length >= self.length:
+            return self
+        rows = {graph: {name: rows[:, :, :length] for name, rows in stack.items()} for graph, stack in self.rows.items()}
+        return CacheSnapshot(length, rows)
+
 
 class ConversationCache:
     """Both stacks' buffers plus the number of slots in use, within a fixed capacity."""

@@ -48,9 +48,5 @@ class Engine:
     def resume(self, snapshot: CacheSnapshot, length: int, capacity: int) -> ConversationCache:
         """A new cache holding the snapshot's first `length` slots (a shared prefix of what it held)."""
         cache = self.new_cache(capacity)
-        if length < snapshot.length:  # slicing the host copy writes back only the slots that are shared
-            rows = {graph: {name: rows[:, :, :length] for name, rows in stack.items()}
-                    for graph, stack in snapshot.rows.items()}
-            snapshot = CacheSnapshot(length, rows)
-        cache.restore(snapshot)
+        cache.restore(snapshot.prefix(length))
         return cache
