@@ -37,7 +37,7 @@ def build_checkpoint(directory: str) -> None:
     from hovle_edge.config import preset
     from hovle_edge.model import HoVLE
     from hovle_edge.model.weights import INDEX_FILE, OFFICIAL_SHARD_BYTES
-    from hovle_edge.train.shapes import world_tokenizer
+    from hovle_edge.shapes.world import world_tokenizer
 
     config = preset("hovle-2.6b")
     tokenizer = world_tokenizer()

@@ -31,7 +31,7 @@ def prepared(name: str, work: str, precision: str = "fp32") -> tuple[str, str]:
 
     from hovle_edge.export import export_model
     from hovle_edge.model import HoVLE
-    from hovle_edge.train.shapes import world_tokenizer
+    from hovle_edge.shapes.world import world_tokenizer
 
     checkpoint = os.path.join(work, f"{name}-checkpoint")
     model_dir = os.path.join(work, f"{name}-{precision}")

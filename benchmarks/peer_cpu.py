@@ -41,7 +41,7 @@ def llama_folder(work: str) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from hovle_edge.train.shapes import world_tokenizer
+    from hovle_edge.shapes.world import world_tokenizer
 
     folder = os.path.join(work, f"llama-{SIZE}")
     if os.path.isfile(os.path.join(folder, "config.json")):

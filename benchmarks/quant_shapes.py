@@ -17,7 +17,7 @@ import time
 from hovle_edge.quantize import QuantizeSettings, quantize_model
 from hovle_edge.runtime import Pipeline
 from hovle_edge.spec import load_manifest
-from hovle_edge.train.evaluate import percent, runtime_answer, scene_questions
+from hovle_edge.shapes.evaluate import percent, runtime_answer, scene_questions
 
 
 def variants(held_out: int, group_size: int) -> dict:

@@ -24,7 +24,7 @@ import time
 
 import openai
 
-from hovle_edge.train.shapes import questions, sample
+from hovle_edge.shapes.world import questions, sample
 
 MODEL = "demo"
 

@@ -73,9 +73,9 @@ def test_overwrite_replaces_a_folder_we_made_with_the_umasks_permissions(tmp_pat
 
 
 def test_build_and_train_outputs_are_checked_the_same_way(tmp_path):
-    from hovle_edge.train.demo import run_demo
+    from hovle_edge.shapes.demo import run_demo
     from hovle_edge.train.stages import run_stage
-    from hovle_edge.train.teacher import pretrain_teacher
+    from hovle_edge.shapes.teacher import pretrain_teacher
 
     sandbox = user_folder(tmp_path / "sb")
     for out, said in [(sandbox, "input"), (sandbox / "my_ckpt", "input"), (user_folder(tmp_path / "other"), "did not write")]:

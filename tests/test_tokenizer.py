@@ -152,7 +152,7 @@ def test_world_tokenizer_has_one_piece_per_word():
     """Every word of the shapes world is one piece: alone (as an answer is encoded), after a space
     (with the same id, so an answer is the word of a description) and before punctuation; and so is
     every word that starts a line inside the template (answers, questions' first words, roles)."""
-    from hovle_edge.train import shapes
+    from hovle_edge.shapes import world as shapes
 
     tokenizer = shapes.world_tokenizer()
     answers = [*shapes.SHAPES, *shapes.COLOURS, *shapes.NUMBERS, "nothing", "top", "bottom"]

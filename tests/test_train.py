@@ -14,7 +14,7 @@ import torch
 from hovle_edge.model import HoVLE
 from hovle_edge.model.weights import read_state_dict
 from hovle_edge.tokenizer import ChatTemplate
-from hovle_edge.train import shapes
+from hovle_edge.shapes import world
 from hovle_edge.train.data import IGNORE, encode_chat
 from hovle_edge.errors import ConfigError
 from hovle_edge.train.loop import TrainSettings, finished, lr_at, native_bf16, uses_bf16
@@ -22,14 +22,14 @@ from hovle_edge.train.stages import run_stage
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def stage_data(tmp_path_factory):
     """Shapes data, a teacher trained for a few steps, and the tiny checkpoint's tokenizer-compatible data."""
-    from hovle_edge.train.teacher import pretrain_teacher
+    from hovle_edge.shapes.teacher import pretrain_teacher
 
-    root = tmp_path_factory.mktemp("world")
-    shapes.write_dataset(str(root / "distill"), "caption", 24, seed=1)
-    shapes.write_dataset(str(root), "caption", 24, seed=3)
-    shapes.write_dataset(str(root), "chat", 24, seed=4)
+    root = tmp_path_factory.mktemp("stage_data")
+    world.write_dataset(str(root / "distill"), "caption", 24, seed=1)
+    world.write_dataset(str(root), "caption", 24, seed=3)
+    world.write_dataset(str(root), "chat", 24, seed=4)
     pretrain_teacher(str(root / "teacher"), steps=3, batch_size=4, progress=False)
     return root
 
@@ -45,8 +45,8 @@ def weights(path):
     return read_state_dict(str(path))
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_checkpoint, world, tmp_path):
-    data = str(world / "caption.jsonl")
+def test_resume_after_interruption_gives_the_same_weights(tiny_checkpoint, stage_data, tmp_path):
+    data = str(stage_data / "caption.jsonl")
     interrupted = tmp_path / "interrupted"
     run_stage("align", str(tiny_checkpoint), str(interrupted), data=data,
               overrides=small(steps=6, save_every=3), progress=False, stop_after=4)
@@ -67,8 +67,8 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_checkpoint, world
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6] and all("tokens_per_s" in m for m in lines)
 
 
-def test_align_keeps_the_llm_bit_identical(tiny_checkpoint, world, tmp_path):
-    run_stage("align", str(tiny_checkpoint), str(tmp_path / "out"), data=str(world / "caption.jsonl"),
+def test_align_keeps_the_llm_bit_identical(tiny_checkpoint, stage_data, tmp_path):
+    run_stage("align", str(tiny_checkpoint), str(tmp_path / "out"), data=str(stage_data / "caption.jsonl"),
               overrides=small(), progress=False)
     before, after = weights(tiny_checkpoint), weights(tmp_path / "out")
     llm = [k for k in before if k.startswith("language_model.")]
@@ -79,9 +79,9 @@ def test_align_keeps_the_llm_bit_identical(tiny_checkpoint, world, tmp_path):
     assert config["stage"] == "align" and config["data"].endswith("caption.jsonl")
 
 
-def test_instruct_trains_everything_and_inherits_settings(tiny_checkpoint, world, tmp_path):
+def test_instruct_trains_everything_and_inherits_settings(tiny_checkpoint, stage_data, tmp_path):
     first = tmp_path / "first"
-    run_stage("instruct", str(tiny_checkpoint), str(first), data=str(world / "chat.jsonl"),
+    run_stage("instruct", str(tiny_checkpoint), str(first), data=str(stage_data / "chat.jsonl"),
               overrides=small(lr=3e-4), progress=False)
     before, after = weights(tiny_checkpoint), weights(first)
     assert not torch.equal(before["language_model.output.weight"], after["language_model.output.weight"])
@@ -89,7 +89,7 @@ def test_instruct_trains_everything_and_inherits_settings(tiny_checkpoint, world
     run_stage("instruct", str(first), str(second), overrides={"steps": 2}, progress=False)  # data and lr inherited
     config = json.loads((second / "train_config.json").read_text())
     assert config["settings"]["lr"] == 3e-4 and config["settings"]["steps"] == 2
-    assert config["data"] == str(world / "chat.jsonl")
+    assert config["data"] == str(stage_data / "chat.jsonl")
 
 
 def test_loss_only_on_the_assistants_tokens(tiny_checkpoint):
@@ -107,14 +107,14 @@ def test_loss_only_on_the_assistants_tokens(tiny_checkpoint):
     assert ids[0] == tokenizer.bos_id
 
 
-def test_distill_from_a_language_model_folder(world, tmp_path):
-    from hovle_edge.train.lm import pretrain_lm
+def test_distill_from_a_language_model_folder(stage_data, tmp_path):
+    from hovle_edge.shapes.lm import pretrain_lm
 
     lm = tmp_path / "lm"
     pretrain_lm(str(lm), TrainSettings(steps=2, batch_size=4, lr=1e-3, warmup=1), progress=False)
     out = tmp_path / "stage1"
-    metrics = run_stage("distill", str(lm), str(out), data=str(world / "distill" / "images"), teacher=str(world / "teacher"),
-                        overrides=small(steps=12, batch_size=4, lr=3e-3), held_out=str(world / "distill" / "images"),
+    metrics = run_stage("distill", str(lm), str(out), data=str(stage_data / "distill" / "images"), teacher=str(stage_data / "teacher"),
+                        overrides=small(steps=12, batch_size=4, lr=3e-3), held_out=str(stage_data / "distill" / "images"),
                         embedding={"num_hidden_layers": 1, "image_size": 56}, progress=False)
     model = HoVLE.from_pretrained(str(out))
     assert model.config.embedding_config.num_hidden_layers == 1
@@ -150,14 +150,14 @@ def one_process(args: list[str]) -> None:
     python(["-m", "hovle_edge.cli", *args])
 
 
-def distill_args(tiny_checkpoint, world, steps: int) -> list[str]:
-    return ["train", "distill", "--init", str(tiny_checkpoint), "--data", str(world / "distill" / "images"),
-            "--teacher", str(world / "teacher"), "--steps", str(steps), "--lr", "1e-3", "--warmup", "1",
+def distill_args(tiny_checkpoint, stage_data, steps: int) -> list[str]:
+    return ["train", "distill", "--init", str(tiny_checkpoint), "--data", str(stage_data / "distill" / "images"),
+            "--teacher", str(stage_data / "teacher"), "--steps", str(steps), "--lr", "1e-3", "--warmup", "1",
             "--precision", "fp32"]
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, world, tmp_path):
-    args = distill_args(tiny_checkpoint, world, steps=2)
+def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, stage_data, tmp_path):
+    args = distill_args(tiny_checkpoint, stage_data, steps=2)
     torchrun(["-m", "hovle_edge.cli", *args, "--batch-size", "2", "--out", str(tmp_path / "ddp")])
     one_process([*args, "--batch-size", "4", "--out", str(tmp_path / "one")])
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
@@ -173,15 +173,15 @@ run_stage("distill", init, out, data=images, teacher=teacher, progress=False, st
 """
 
 
-def test_fsdp_sharded_run_resumes_and_matches_one_process(tiny_checkpoint, world, tmp_path):
+def test_fsdp_sharded_run_resumes_and_matches_one_process(tiny_checkpoint, stage_data, tmp_path):
     """Sharded weights and optimizer state are gathered into whole checkpoints, read back into shards
     after an interruption, and the result equals one process with the whole batch."""
     script = tmp_path / "interrupted.py"
     script.write_text(FSDP_INTERRUPTED)
-    images, teacher, out = world / "distill" / "images", world / "teacher", tmp_path / "fsdp"
+    images, teacher, out = stage_data / "distill" / "images", stage_data / "teacher", tmp_path / "fsdp"
     torchrun([str(script), str(tiny_checkpoint), str(images), str(teacher), str(out)])
     assert sorted(os.listdir(out / "checkpoints")) == ["step-0000001", "step-0000002"] and not finished(str(out))
-    args = distill_args(tiny_checkpoint, world, steps=3)
+    args = distill_args(tiny_checkpoint, stage_data, steps=3)
     torchrun(["-m", "hovle_edge.cli", *args, "--batch-size", "2", "--save-every", "1", "--parallel", "fsdp",
               "--out", str(out)])
     assert finished(str(out)) and json.loads((out / "train_config.json").read_text())["settings"]["parallel"] == "fsdp"
@@ -194,7 +194,7 @@ def test_fsdp_sharded_run_resumes_and_matches_one_process(tiny_checkpoint, world
 def test_teacher_learns_shape_not_only_colour(tmp_path):
     """A teacher blind to shape (the first one was: 30% on the things) caps everything downstream.
     Measured on this run: shape 82%, colour 100%, size 99.6% (the demo's 400 x 32: 97.6 / 99.8 / 100)."""
-    from hovle_edge.train.teacher import load_teacher, pretrain_teacher
+    from hovle_edge.shapes.teacher import load_teacher, pretrain_teacher
 
     accuracy = pretrain_teacher(str(tmp_path / "teacher"), steps=250, batch_size=16, progress=False)
     assert accuracy["shape"] >= 0.75 and accuracy["colour"] >= 0.97 and accuracy["size"] >= 0.97
@@ -219,10 +219,10 @@ def test_precision_choice():
         uses_bf16("fp16", cpu)
 
 
-def test_bf16_stage_trains_and_says_so(tiny_checkpoint, world, tmp_path):
+def test_bf16_stage_trains_and_says_so(tiny_checkpoint, stage_data, tmp_path):
     """bf16 autocast on the CPU (emulated where the CPU lacks it, which is slow but correct)."""
     out = tmp_path / "bf16"
-    metrics = run_stage("align", str(tiny_checkpoint), str(out), data=str(world / "caption.jsonl"),
+    metrics = run_stage("align", str(tiny_checkpoint), str(out), data=str(stage_data / "caption.jsonl"),
                         overrides=small(steps=3, precision="bf16"), progress=False)
     assert np.isfinite(metrics["loss"])
     assert json.loads((out / "train_config.json").read_text())["settings"]["precision"] == "bf16"
@@ -230,7 +230,7 @@ def test_bf16_stage_trains_and_says_so(tiny_checkpoint, world, tmp_path):
 
 
 def test_demo_plan_follows_the_machine(monkeypatch):
-    from hovle_edge.train import demo
+    from hovle_edge.shapes import demo
 
     monkeypatch.setattr(demo, "native_bf16", lambda device: False)
     assert demo.DemoPlan.for_this_machine() == demo.DemoPlan()
@@ -255,16 +255,16 @@ def test_bad_data_file(tiny_checkpoint, tmp_path):
 
 
 def test_shapes_world_is_deterministic_and_answers_are_right():
-    a, image_a = shapes.sample(5)
-    b, image_b = shapes.sample(5)
+    a, image_a = world.sample(5)
+    b, image_b = world.sample(5)
     assert a == b and np.array_equal(np.asarray(image_a), np.asarray(image_b))
     import random
 
     for seed in range(50):
-        things, _ = shapes.sample(seed)
-        for question, answer in shapes.questions(things, random.Random(seed)):
+        things, _ = world.sample(seed)
+        for question, answer in world.questions(things, random.Random(seed)):
             if question.startswith("how many"):
-                assert answer == shapes.NUMBERS[len(things)]
+                assert answer == world.NUMBERS[len(things)]
             if question.startswith("where is the"):
                 shape = question.split()[3].rstrip("?")
                 assert [t.position for t in things if t.shape == shape] == [answer]
@@ -275,13 +275,13 @@ def test_captions_follow_reading_order_and_chats_ask_questions_two_at_a_time(tmp
     two to a conversation, the image in the first turn, so that both first questions and follow-ups are
     trained; every tenth scene's place goes to text-only questions."""
     for seed in range(40):
-        things, _ = shapes.sample(seed)
-        assert [t.position for t in things] == [p for p in shapes.POSITIONS if p in {t.position for t in things}]
-    path = shapes.write_dataset(str(tmp_path), "chat", 20, seed=4)
+        things, _ = world.sample(seed)
+        assert [t.position for t in things] == [p for p in world.POSITIONS if p in {t.position for t in things}]
+    path = world.write_dataset(str(tmp_path), "chat", 20, seed=4)
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     text_only = [r for r in records if "image" not in r]
-    assert len(text_only) == 2 * shapes.TEXT_RECORDS_PER_SLOT
+    assert len(text_only) == 2 * world.TEXT_RECORDS_PER_SLOT
     assert not any("<image>" in turn["value"] for r in text_only for turn in r["conversations"])
     by_image = {}
     for record in filter(lambda r: "image" in r, records):
@@ -299,7 +299,7 @@ def test_captions_follow_reading_order_and_chats_ask_questions_two_at_a_time(tmp
 
 
 def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
-    from hovle_edge.train.demo import DemoPlan, run_demo
+    from hovle_edge.shapes.demo import DemoPlan, run_demo
 
     out = tmp_path / "demo"
     report = run_demo(str(out), DemoPlan.quick(), progress=False)

@@ -35,7 +35,7 @@ class CalibrationSample:
 
 def shapes_world_samples(count: int, seed: int = CALIBRATION_SEED) -> list[CalibrationSample]:
     """Questions about fresh drawn scenes, and every fourth a text-only question."""
-    from hovle_edge.train import shapes
+    from hovle_edge.shapes import world as shapes
 
     samples = []
     for i in range(count):

@@ -24,9 +24,9 @@ from hovle_edge.model.weights import save_model
 from hovle_edge.preprocess import load_image, preprocess_image
 from hovle_edge.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, TOKENIZER_FILES, ChatTemplate, Tokenizer
 from hovle_edge.train.data import Examples, collate, image_files, picks
-from hovle_edge.train.lm import ARCHITECTURE as LM_ARCHITECTURE, load_lm, next_token_loss
+from hovle_edge.shapes.lm import ARCHITECTURE as LM_ARCHITECTURE, load_lm, next_token_loss
 from hovle_edge.train.loop import Task, TrainSettings, claim_training_output, inherited, train
-from hovle_edge.train.teacher import load_teacher
+from hovle_edge.shapes.teacher import load_teacher
 
 
 def init_model(init: str, embedding: dict | None = None) -> HoVLE:

@@ -12,10 +12,10 @@ import numpy as np
 
 from hovle_edge.errors import InputError
 from hovle_edge.files import claim_directory, read_json, write_json
-from hovle_edge.train import shapes
-from hovle_edge.train.lm import LM_DEFAULTS
+from hovle_edge.shapes import world
+from hovle_edge.shapes.lm import LM_DEFAULTS
 from hovle_edge.train.loop import TrainSettings, finished, native_bf16, training_device, uses_bf16
-from hovle_edge.train.teacher import TEACHER_STEPS
+from hovle_edge.shapes.teacher import TEACHER_STEPS
 
 
 @dataclass
@@ -23,7 +23,7 @@ class DemoPlan:
     """Sizes and steps; `quick` is the shortened version the tests run."""
 
     caption_records: int = 16000
-    chat_scenes: int = 16000  # their questions two to a conversation (see shapes.write_dataset)
+    chat_scenes: int = 16000  # their questions two to a conversation (see world.write_dataset)
     distill_images: int = 1000
     teacher_steps: int = TEACHER_STEPS
     lm: TrainSettings = field(default_factory=lambda: LM_DEFAULTS)
@@ -69,9 +69,9 @@ def say(text: str) -> None:
 
 def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bool = True) -> dict:
     from hovle_edge.export import export_model
-    from hovle_edge.train.lm import pretrain_lm
+    from hovle_edge.shapes.lm import pretrain_lm
     from hovle_edge.train.stages import run_stage
-    from hovle_edge.train.teacher import pretrain_teacher
+    from hovle_edge.shapes.teacher import pretrain_teacher
 
     # Steps already done are reused, so `out` must be a demo folder (or new): never someone else's files.
     claim_directory(out, "demo", owned_by=lambda p: os.path.isfile(os.path.join(p, "report.json")), what="demo folder")
@@ -90,10 +90,10 @@ def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bo
     data = paths["data"]
     if not os.path.isfile(os.path.join(data, "chat.jsonl")):
         say("drawing the shapes world's training data")
-        shapes.write_dataset(os.path.join(data, "distill"), "caption", plan.distill_images, seed=1)
-        shapes.write_dataset(os.path.join(data, "held-out"), "caption", 64, seed=2)
-        shapes.write_dataset(data, "caption", plan.caption_records, seed=3)
-        shapes.write_dataset(data, "chat", plan.chat_scenes, seed=4)
+        world.write_dataset(os.path.join(data, "distill"), "caption", plan.distill_images, seed=1)
+        world.write_dataset(os.path.join(data, "held-out"), "caption", 64, seed=2)
+        world.write_dataset(data, "caption", plan.caption_records, seed=3)
+        world.write_dataset(data, "chat", plan.chat_scenes, seed=4)
     if not os.path.isfile(os.path.join(paths["teacher"], "config.json")):
         say("training the teacher vision encoder (stand-in for InternViT)")
         timed("teacher", pretrain_teacher, paths["teacher"], steps=plan.teacher_steps, progress=progress)
@@ -107,7 +107,7 @@ def run_demo(out: str = "hovle-demo", plan: DemoPlan | None = None, progress: bo
         if not finished(target):
             say(f"stage {stage}")
             timed(stage, run_stage, stage, init, target, data=stage_data, overrides=vars(settings), teacher=paths["teacher"],
-                      embedding={"num_hidden_layers": plan.embedding_layers, "image_size": shapes.DRAWN_SIZE},
+                      embedding={"num_hidden_layers": plan.embedding_layers, "image_size": world.DRAWN_SIZE},
                       held_out=os.path.join(data, "held-out", "images"), progress=progress)
     if not os.path.isfile(os.path.join(paths["onnx"], "manifest.json")):
         say("exporting to ONNX")
@@ -127,9 +127,9 @@ def evaluate(paths: dict, count: int) -> dict:
     from hovle_edge.model import HoVLE
     from hovle_edge.runtime import Pipeline
     from hovle_edge.tokenizer import ChatTemplate, Tokenizer
-    from hovle_edge.train.evaluate import (caption_exact, follow_up_questions, percent, runtime_answer,
+    from hovle_edge.shapes.evaluate import (caption_exact, follow_up_questions, percent, runtime_answer,
                                            runtime_follow_up, scene_questions, text_questions, torch_answer)
-    from hovle_edge.train.lm import LM_TEMPLATE, lm_answer, load_lm
+    from hovle_edge.shapes.lm import LM_TEMPLATE, lm_answer, load_lm
 
     model = HoVLE.from_pretrained(paths["stage3-instruct"])
     tokenizer = Tokenizer.from_dir(paths["stage3-instruct"])

@@ -17,7 +17,7 @@ from hovle_edge.files import read_json
 from hovle_edge.model.llm import InternLM2ForCausalLM
 from hovle_edge.model.weights import check_state_dict, read_state_dict, save_state_dict
 from hovle_edge.tokenizer import ChatTemplate, Tokenizer
-from hovle_edge.train import shapes
+from hovle_edge.shapes import world
 from hovle_edge.train.data import IGNORE, collate, encode_caption, encode_chat
 from hovle_edge.train.loop import Task, TrainSettings, train
 
@@ -67,15 +67,15 @@ class PretrainLM(Task):
         rng = random.Random(f"lm-{self.seed}-{index}")
         kind = rng.random()
         if kind < 0.3:
-            ids, labels = encode_caption(self.tokenizer, self.template, shapes.caption(shapes.scene(rng)), 0)
+            ids, labels = encode_caption(self.tokenizer, self.template, world.caption(world.scene(rng)), 0)
             return ids, labels, None
         if kind < 0.7:
-            things = shapes.scene(rng)
-            question, answer = rng.choice(shapes.questions(things, rng))
-            question = f"{shapes.caption(things)}. {question}"
+            things = world.scene(rng)
+            question, answer = rng.choice(world.questions(things, rng))
+            question = f"{world.caption(things)}. {question}"
         else:
-            question, answer = shapes.text_questions(rng)
-        ids, labels = encode_chat(self.tokenizer, self.template, shapes.turns([(question, answer)]), 0)
+            question, answer = world.text_questions(rng)
+        ids, labels = encode_chat(self.tokenizer, self.template, world.turns([(question, answer)]), 0)
         return ids, labels, None
 
     def batch(self, step, micro, rank, world, batch_size):
@@ -109,7 +109,7 @@ def pretrain_lm(out: str, settings: TrainSettings | None = None, progress: bool 
     """Train the tokenizer and the LM on the world's text; writes an InternLM2 folder to `out`."""
     settings = settings or LM_DEFAULTS
     torch.manual_seed(settings.seed)
-    tokenizer = shapes.world_tokenizer()
+    tokenizer = world.world_tokenizer()
     task = PretrainLM(tokenizer, shapes_lm_config(tokenizer.vocab_size), settings.seed)
     return train(task, settings, out, desc="pretrain-lm", progress=progress)
 

@@ -10,15 +10,15 @@ import torch
 
 from hovle_edge.model import generate
 from hovle_edge.preprocess import preprocess_image
-from hovle_edge.train import shapes
+from hovle_edge.shapes import world
 
 EVAL_SEED = 10_000_000  # far from every seed used to make training data
 
 
 def fresh_scene(seed: int) -> tuple:
     """(picture, every question with its answer) of the scene drawn from `seed`."""
-    things, image = shapes.sample(seed)
-    return image, shapes.questions(things, random.Random(seed))
+    things, image = world.sample(seed)
+    return image, world.questions(things, random.Random(seed))
 
 
 def scene_questions(count: int, seed: int = EVAL_SEED) -> list[tuple]:
@@ -52,7 +52,7 @@ def runtime_follow_up(pipe, first: str, second: str, image, max_new_tokens: int 
 
 def text_questions(count: int, seed: int = EVAL_SEED) -> list[tuple[str, str]]:
     rng = random.Random(seed)
-    return [shapes.text_questions(rng) for _ in range(count)]
+    return [world.text_questions(rng) for _ in range(count)]
 
 
 def tiles_of(model, image):
@@ -82,10 +82,10 @@ def caption_exact(model, tokenizer, template, count: int = 50, seed: int = EVAL_
     is the scene's caption word for word: whether the frozen LLM reads every thing out of the image tokens."""
     right = 0
     for i in range(count):
-        things, image = shapes.sample(seed + 500_000 + i)
+        things, image = world.sample(seed + 500_000 + i)
         pixels = tiles_of(model, image)
         prompt = template.image_block(len(pixels)) + "\n"
-        right += generated_text(model, tokenizer, prompt, pixels, max_new_tokens=48) == shapes.caption(things)
+        right += generated_text(model, tokenizer, prompt, pixels, max_new_tokens=48) == world.caption(things)
     return 100.0 * right / max(1, count)
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from hovle_edge.errors import ConfigError
 from hovle_edge.files import atomic_directory, check_replaceable, folder_with
 from hovle_edge.preprocess import normalize
-from hovle_edge.train import shapes
+from hovle_edge.shapes import world
 
 ARCHITECTURE = "ShapesTeacher"
 MADE_HERE = folder_with("config.json", architectures=[ARCHITECTURE])  # what --out may replace
@@ -50,9 +50,9 @@ class ShapesTeacher(nn.Module):
         self.body = nn.Sequential(*stages, nn.Conv2d(width, width, 3, padding=1))
         self.norm = nn.LayerNorm(width)
         # Attribute heads per quadrant; "none" is the last class of shape and colour.
-        self.shape_head = nn.Linear(width, len(shapes.SHAPES) + 1)
-        self.colour_head = nn.Linear(width, len(shapes.COLOURS) + 1)
-        self.size_head = nn.Linear(width, len(shapes.SIZES) + 1)
+        self.shape_head = nn.Linear(width, len(world.SHAPES) + 1)
+        self.colour_head = nn.Linear(width, len(world.COLOURS) + 1)
+        self.size_head = nn.Linear(width, len(world.SIZES) + 1)
 
     @property
     def heads(self) -> dict[str, nn.Linear]:
@@ -69,7 +69,7 @@ class ShapesTeacher(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2))
 
     def quadrants(self, features):
-        """[T, grid^2, W] -> [T, 4, W]: mean feature of each quadrant in the order of shapes.POSITIONS."""
+        """[T, grid^2, W] -> [T, 4, W]: mean feature of each quadrant in the order of world.POSITIONS."""
         T, _, W = features.shape
         half = self.grid // 2
         grid = features.reshape(T, 2, half, 2, half, W)
@@ -80,17 +80,17 @@ def scene_targets(things) -> list[tuple[int, int, int]]:
     """(shape, colour, size) class ids for each quadrant."""
     at = {t.position: t for t in things}
     out = []
-    for position in shapes.POSITIONS:
+    for position in world.POSITIONS:
         t = at.get(position)
-        out.append((len(shapes.SHAPES), len(shapes.COLOURS), len(shapes.SIZES)) if t is None else
-                   (shapes.SHAPES.index(t.shape), list(shapes.COLOURS).index(t.colour), shapes.SIZES.index(t.size)))
+        out.append((len(world.SHAPES), len(world.COLOURS), len(world.SIZES)) if t is None else
+                   (world.SHAPES.index(t.shape), list(world.COLOURS).index(t.colour), world.SIZES.index(t.size)))
     return out
 
 
 def scene_batch(seed: int, size: int, image_size: int):
     pixels, targets = [], []
     for i in range(size):
-        things, image = shapes.sample(seed * 100_003 + i)
+        things, image = world.sample(seed * 100_003 + i)
         pixels.append(torch.from_numpy(normalize(image.resize((image_size, image_size)))))
         targets.append(scene_targets(things))
     return torch.stack(pixels), torch.tensor(targets)
@@ -142,7 +142,7 @@ def attribute_accuracy(teacher: ShapesTeacher, seed: int, count: int = 256) -> d
     would hide a teacher blind to shape)."""
     pixels, targets = scene_batch(seed, count, teacher.config["image_size"])
     pooled = teacher.quadrants(teacher(pixels))
-    held = targets[..., 0] != len(shapes.SHAPES)
+    held = targets[..., 0] != len(world.SHAPES)
     return {name: round(float((head(pooled).argmax(-1) == targets[..., k])[held].float().mean()), 4)
             for k, (name, head) in enumerate(teacher.heads.items())}
 
