@@ -27,7 +27,7 @@ from models import prepared  # noqa: E402
 
 from hovle_edge.engines.builder import build_engines  # noqa: E402
 from hovle_edge.runtime import Pipeline  # noqa: E402
-from hovle_edge.runtime.roofline import DEVICES, decode_cost  # noqa: E402
+from hovle_edge.profiling.roofline import DEVICES, decode_cost  # noqa: E402
 
 MODELS = ("tiny", "w1024")
 
@@ -40,7 +40,7 @@ def tiny_prepared(work: str) -> tuple[str, str]:
     from hovle_edge.config import preset
     from hovle_edge.export import export_model
     from hovle_edge.model import HoVLE
-    from hovle_edge.shapes.world import world_tokenizer
+    from hovle_edge.train.shapes import world_tokenizer
 
     checkpoint, model_dir = os.path.join(work, "tiny-checkpoint"), os.path.join(work, "tiny-fp16")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):

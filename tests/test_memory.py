@@ -42,7 +42,7 @@ def wide_vocab_config() -> HoVLEConfig:
 
 
 def test_export_holds_the_weights_once(tmp_path):
-    from hovle_edge.shapes.world import world_tokenizer
+    from hovle_edge.train.shapes import world_tokenizer
 
     checkpoint = tmp_path / "checkpoint"
     model = HoVLE(wide_vocab_config())
@@ -79,7 +79,7 @@ def test_official_shard_layout():
 
 def test_profile_prompt_shorter_than_template_fails_before_loading(tiny_export, monkeypatch):
     from hovle_edge.runtime import Pipeline
-    from hovle_edge.runtime.profile_command import run_profile
+    from hovle_edge.profiling.command import run_profile
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")

@@ -10,9 +10,9 @@ from PIL import Image
 
 from hovle_edge.cli import main
 from hovle_edge.errors import InputError
+from hovle_edge.profiling.latency import parse_sweep, percentiles, profile, prompt_ids
+from hovle_edge.profiling.roofline import decode_cost, layer_parameters
 from hovle_edge.runtime import Pipeline
-from hovle_edge.runtime.profile import parse_sweep, percentiles, profile, prompt_ids
-from hovle_edge.runtime.roofline import decode_cost, layer_parameters
 
 
 def test_percentiles():

@@ -215,7 +215,7 @@ def test_a_quantized_folder_is_not_quantized_again(int4_export, tmp_path):
 
 
 def test_calibration_folder_of_prompts(tiny_export, tmp_path):
-    from hovle_edge.shapes import world as shapes
+    from hovle_edge.train import shapes
 
     folder = tmp_path / "calibration"
     folder.mkdir()
@@ -246,8 +246,8 @@ def test_output_folder_is_never_the_source(tiny_export, tmp_path):
 
 
 def test_roofline_counts_the_quantized_bytes(tiny_export, int4_export):
-    from hovle_edge.runtime.profile_command import model_numbers
-    from hovle_edge.runtime.roofline import decode_cost
+    from hovle_edge.profiling.command import model_numbers
+    from hovle_edge.profiling.roofline import decode_cost
 
     float_cost = decode_cost(*model_numbers(str(tiny_export), None)[:2])
     numbers, precision, _ = model_numbers(int4_export.directory, None)

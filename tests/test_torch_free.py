@@ -32,6 +32,21 @@ def test_inputs_import_without_torch():
     assert result.stdout.strip() == "ok"
 
 
+def test_every_runtime_and_profiling_module_imports_without_torch():
+    result = run_without_torch("""
+        import importlib, pkgutil
+        import hovle_edge.profiling, hovle_edge.runtime
+        names = [f"{package.__name__}.{module.name}" for package in (hovle_edge.runtime, hovle_edge.profiling)
+                 for module in pkgutil.iter_modules(package.__path__)]
+        for name in names:
+            importlib.import_module(name)
+        assert "torch" not in sys.modules and "hovle_edge.profiling.command" in names, names
+        print(len(names))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) >= 11  # 8 runtime modules and 3 profiling ones at least
+
+
 def test_blocker_really_blocks():
     result = run_without_torch("import torch")
     assert result.returncode != 0 and "torch is blocked" in result.stderr

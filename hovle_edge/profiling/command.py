@@ -4,9 +4,9 @@ measured decode against this host's bandwidth and the edge devices', then JSON a
 from __future__ import annotations
 
 from hovle_edge.errors import InputError
-from hovle_edge.runtime import roofline
 from hovle_edge.files import write_json
-from hovle_edge.runtime.profile import check_before_loading, parse_sweep, plot, profile, sweep_table
+from hovle_edge.profiling import roofline
+from hovle_edge.profiling.latency import check_before_loading, parse_sweep, plot, profile, sweep_table
 
 SWEEP_ARGUMENT = {"prompt-tokens": "prompt_tokens", "tiles": "tiles", "new-tokens": "new_tokens"}
 
