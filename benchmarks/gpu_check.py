@@ -40,7 +40,7 @@ def tiny_prepared(work: str) -> tuple[str, str]:
     from hovle_edge.config import preset
     from hovle_edge.export import export_model
     from hovle_edge.model import HoVLE
-    from hovle_edge.train.shapes import world_tokenizer
+    from hovle_edge.shapes.world import world_tokenizer
 
     checkpoint, model_dir = os.path.join(work, "tiny-checkpoint"), os.path.join(work, "tiny-fp16")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):

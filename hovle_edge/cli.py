@@ -302,7 +302,7 @@ def shapes():
 @click.option("--steps", type=int, default=None, help="Training steps  [default: the demo's]")
 def shapes_teacher(out, steps):
     """Train the tiny vision encoder that plays InternViT, on scene attributes."""
-    from hovle_edge.train.teacher import TEACHER_STEPS, pretrain_teacher
+    from hovle_edge.shapes.teacher import TEACHER_STEPS, pretrain_teacher
 
     accuracy = pretrain_teacher(out, steps=TEACHER_STEPS if steps is None else steps)
     click.echo("accuracy on the things of fresh scenes: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy.items()))
@@ -313,7 +313,7 @@ def shapes_teacher(out, steps):
 @train_options
 def shapes_lm(out, **settings):
     """Train the world's tokenizer and the tiny InternLM2-style LM that plays InternLM2."""
-    from hovle_edge.train.lm import LM_DEFAULTS, pretrain_lm
+    from hovle_edge.shapes.lm import LM_DEFAULTS, pretrain_lm
     from hovle_edge.train.loop import TrainSettings
 
     base = dict(vars(LM_DEFAULTS))
@@ -328,7 +328,7 @@ def shapes_lm(out, **settings):
 @click.option("--seed", type=int, default=0, show_default=True)
 def shapes_data(out, kind, count, seed):
     """Write COUNT records of image-caption or conversation JSONL with their images."""
-    from hovle_edge.train.shapes import write_dataset
+    from hovle_edge.shapes.world import write_dataset
 
     click.echo(f"wrote {write_dataset(out, kind, count, seed)}")
 
@@ -340,7 +340,7 @@ def shapes_data(out, kind, count, seed):
 def demo(out, quick):
     """Train the shapes model (teacher, LM, three stages), export it to ONNX and answer questions on
     fresh scenes through the torch-free runtime; prints accuracy and latency, writes report.json."""
-    from hovle_edge.train.demo import DemoPlan, run_demo
+    from hovle_edge.shapes.demo import DemoPlan, run_demo
 
     report = run_demo(out, DemoPlan.quick() if quick else DemoPlan.for_this_machine())
     click.echo(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))

@@ -42,7 +42,7 @@ def wide_vocab_config() -> HoVLEConfig:
 
 
 def test_export_holds_the_weights_once(tmp_path):
-    from hovle_edge.train.shapes import world_tokenizer
+    from hovle_edge.shapes.world import world_tokenizer
 
     checkpoint = tmp_path / "checkpoint"
     model = HoVLE(wide_vocab_config())

@@ -215,7 +215,7 @@ def test_a_quantized_folder_is_not_quantized_again(int4_export, tmp_path):
 
 
 def test_calibration_folder_of_prompts(tiny_export, tmp_path):
-    from hovle_edge.train import shapes
+    from hovle_edge.shapes import world as shapes
 
     folder = tmp_path / "calibration"
     folder.mkdir()
