@@ -38,6 +38,17 @@ def test_stop_id_ends_generation(tiny_model):
     assert generate(tiny_model, ids, max_new_tokens=5, stop_ids={first[1]}) == first[:2]
 
 
+def test_bare_language_model_generates_with_its_cache(tiny_model):
+    lm = tiny_model.language_model
+    ids = torch.tensor([[1, 5, 40, 41, 42]])
+    seen = []
+    cached = generate(lm, ids, max_new_tokens=12, on_token=seen.append)
+    assert len(cached) == 12 and seen == cached  # every token handed over as it is chosen
+    assert cached == generate(lm, ids, max_new_tokens=12, use_cache=False)
+    logits, _ = lm(lm.model.tok_embeddings(ids), torch.arange(5)[None], torch.ones_like(ids))
+    assert cached[0] == int(logits[0, -1].argmax())
+
+
 def test_pixel_shuffle_official_order():
     # A 4x4 grid whose patch (r, c) holds the channel pair (r, c): the output tokens list their
     # 2x2 blocks as (2r,2q), (2r,2q+1), (2r+1,2q), (2r+1,2q+1).

@@ -4,10 +4,13 @@ model thread calls the graph methods; nothing here imports torch."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from hovle_edge.runtime.kv_cache import CacheSnapshot, ConversationCache
-from hovle_edge.runtime.pipeline import Pipeline
+from hovle_edge.runtime.pipeline import Pipeline, Timings
+from hovle_edge.runtime.sampling import SamplingParams
 
 
 class Engine:
@@ -41,6 +44,12 @@ class Engine:
 
     def decode_step(self, cache: ConversationCache, token: int) -> np.ndarray:
         return self.pipe.decode_step(cache, token)
+
+    def sample(self, cache: ConversationCache, ids: list[int], image_embeds: np.ndarray | None,
+               params: SamplingParams, timings: Timings, started: float, history: list[int]) -> Iterator[int]:
+        """The runtime's decode loop (Pipeline.sample): prefill `ids`, then one chosen token per next(),
+        each run into `cache` and `history` before the next is chosen; a stop id ends it."""
+        return self.pipe.sample(cache, ids, image_embeds, params, timings, started, history, self.stop_ids)
 
     def snapshot(self, cache: ConversationCache) -> CacheSnapshot:
         return cache.snapshot()

@@ -13,13 +13,14 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
 from hovle_edge.errors import HoVLEError
-from hovle_edge.runtime.sampling import Sampler, SamplingParams
+from hovle_edge.runtime.pipeline import Timings
+from hovle_edge.runtime.sampling import SamplingParams
 from hovle_edge.serve.caches import ImageCache, PrefixCache, PrefixEntry
 from hovle_edge.serve.images import ImageInput
 from hovle_edge.serve.prompt import PromptIds
@@ -126,14 +127,19 @@ class Worker:
             return self._gone(job)
         started = time.perf_counter()
         cache, cached = self._resume(job)
-        logits = engine.prefill(cache, ids[cached:], self._image_rows(job, cached))
-        timings = {"queued_ms": started - job.submitted, "prompt_ms": time.perf_counter() - started}
-        fed = list(ids)  # what the cache holds
-        sampler, decoder, stops = Sampler(job.sampling), StreamDecoder(engine.tokenizer), StopStrings(job.stop)
+        rows = self._image_rows(job, cached)
+        timings = {"queued_ms": started - job.submitted}
+        fed = list(ids)  # what the cache holds: the runtime's loop appends each token it runs
+        # The runtime's own decode loop (prefill first), one token per next(): this generator yields between
+        # them so that the other slots take their turns.
+        graph_timings = Timings()
+        tokens = engine.sample(cache, ids[cached:], rows, replace(job.sampling, max_new_tokens=job.max_tokens),
+                               graph_timings, started, fed)
+        decoder, stops = StreamDecoder(engine.tokenizer), StopStrings(job.stop)
         completion, reason = 0, "length"
-        for step in range(job.max_tokens):
-            token = sampler(logits, fed)
+        for step, token in enumerate(tokens):
             if step == 0:
+                timings["prompt_ms"] = graph_timings.first_token  # cache, vision and prefill (and one sampling)
                 timings["first_token_ms"] = time.perf_counter() - job.submitted
             if token in engine.stop_ids:
                 reason = "stop"
@@ -145,13 +151,11 @@ class Worker:
             if stops.hit:
                 reason = "stop"
                 break
-            if step + 1 == job.max_tokens:
+            if step + 1 == job.max_tokens:  # the runtime's loop ends here too: no turn to give up
                 break
             yield
             if job.cancelled.is_set():
                 return self._gone(job)
-            logits = engine.decode_step(cache, token)
-            fed.append(token)
         tail = stops.push(decoder.flush()) + stops.flush()
         if tail:
             job.post(Delta(tail))
