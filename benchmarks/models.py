@@ -1,9 +1,13 @@
-"""Random-weight models of chosen widths for the benchmarks: a checkpoint and its export, cached in a
-work folder so that repeated runs measure and do not rebuild. Speed does not depend on the weights."""
+"""Random-weight models of chosen widths for the benchmarks: a checkpoint and its export, and for the
+peers a Hugging Face Llama with the same work per token and onnxruntime-genai's build of it, cached in
+a work folder so that repeated runs measure and do not rebuild. Speed does not depend on the weights."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 from hovle_edge.config import EmbeddingConfig, HoVLEConfig, LLMConfig
 
@@ -25,8 +29,8 @@ def benchmark_config(name: str) -> HoVLEConfig:
         force_image_size=112, max_dynamic_patch=12)
 
 
-def prepared(name: str, work: str, precision: str = "fp32") -> tuple[str, str]:
-    """(checkpoint folder, exported model folder) for size `name`, built once under `work`."""
+def prepared(name: str, work: str, precision: str = "fp32", target: str = "onnxruntime") -> tuple[str, str]:
+    """(checkpoint folder, exported model folder) for size `name` and graph `target`, built once under `work`."""
     import torch
 
     from hovle_edge.export import export_model
@@ -34,7 +38,7 @@ def prepared(name: str, work: str, precision: str = "fp32") -> tuple[str, str]:
     from hovle_edge.shapes.world import world_tokenizer
 
     checkpoint = os.path.join(work, f"{name}-checkpoint")
-    model_dir = os.path.join(work, f"{name}-{precision}")
+    model_dir = os.path.join(work, f"{name}-{target}-{precision}")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         torch.manual_seed(0)
         model = HoVLE(benchmark_config(name))
@@ -44,5 +48,52 @@ def prepared(name: str, work: str, precision: str = "fp32") -> tuple[str, str]:
         model.save_pretrained(checkpoint)
         world_tokenizer().save(checkpoint)
     if not os.path.isfile(os.path.join(model_dir, "manifest.json")):
-        export_model(checkpoint, model_dir, precision=precision, max_context=4096, overwrite=True)
+        export_model(checkpoint, model_dir, precision=precision, max_context=4096, target=target, overwrite=True,
+                     progress=False)
     return checkpoint, model_dir
+
+
+def llama_folder(name: str, work: str) -> str:
+    """A random-weight Hugging Face Llama with size `name`'s widths, heads, MLP and vocab and both stacks'
+    layers in one (equal work per token), with a tokenizer (the genai builder reads one; benchmarks feed ids)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from hovle_edge.shapes.world import world_tokenizer
+
+    folder = os.path.join(work, f"llama-{name}")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    width, layers, heads, kv_heads, mlp, vocab = SIZES[name]
+    config = LlamaConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=2 * layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    world = os.path.join(work, "world-tokenizer")
+    os.makedirs(world, exist_ok=True)
+    world_tokenizer().save(world)
+    PreTrainedTokenizerFast(tokenizer_file=os.path.join(world, "tokenizer.json"), bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+def genai_folder(name: str, work: str, precision: str, threads: int) -> str:
+    """onnxruntime-genai's own build of size `name`'s Llama for CPU (`-p fp32|int4 -e cpu`), set to `threads`."""
+    folder = os.path.join(work, f"genai-{name}-{precision}")
+    config = os.path.join(folder, "genai_config.json")
+    if not os.path.isfile(config):
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", llama_folder(name, work),
+                        "-o", folder, "-p", precision, "-e", "cpu", "-c", os.path.join(work, "genai-cache")],
+                       check=True, stdout=subprocess.DEVNULL)
+    with open(config) as f:
+        data = json.load(f)
+    data["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    with open(config, "w") as f:
+        json.dump(data, f, indent=2)
+    return folder

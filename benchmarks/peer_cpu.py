@@ -26,75 +26,18 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import SIZES, benchmark_config  # noqa: E402
+from models import benchmark_config, genai_folder, llama_folder  # noqa: E402
 
 SIZE = "w512"
 THREADS = 2
 ENGINES = ("hovle-ort", "hovle-trt", "genai-fp32", "genai-int4", "torch")
 
 
-# ---- preparing the models (once, under --work) ----
-
-def llama_folder(work: str) -> str:
-    """A random-weight Hugging Face Llama with the w512 model's widths and 16 layers, with a tokenizer
-    (the genai builder reads one; the benchmark feeds ids)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from hovle_edge.shapes.world import world_tokenizer
-
-    folder = os.path.join(work, f"llama-{SIZE}")
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    width, layers, heads, kv_heads, mlp, vocab = SIZES[SIZE]
-    config = LlamaConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=2 * layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.save_pretrained(folder)
-    world = os.path.join(work, "world-tokenizer")
-    os.makedirs(world, exist_ok=True)
-    world_tokenizer().save(world)
-    PreTrainedTokenizerFast(tokenizer_file=os.path.join(world, "tokenizer.json"), bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
-    return folder
-
-
-def genai_folder(work: str, precision: str) -> str:
-    """onnxruntime-genai's own build of the Llama for CPU (`-p fp32|int4 -e cpu`), with 2 threads."""
-    folder = os.path.join(work, f"genai-{SIZE}-{precision}")
-    config = os.path.join(folder, "genai_config.json")
-    if not os.path.isfile(config):
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", llama_folder(work),
-                        "-o", folder, "-p", precision, "-e", "cpu", "-c", os.path.join(work, "genai-cache")],
-                       check=True, stdout=subprocess.DEVNULL)
-        with open(config) as f:
-            data = json.load(f)
-        data["model"]["decoder"]["session_options"]["intra_op_num_threads"] = THREADS
-        with open(config, "w") as f:
-            json.dump(data, f, indent=2)
-    return folder
-
-
 def hovle_folder(work: str, target: str) -> str:
-    """The w512 checkpoint (benchmarks/models.py, whose own export is the tensorrt target) exported for `target`."""
+    """The w512 checkpoint (benchmarks/models.py) exported for graph `target`."""
     from models import prepared
 
-    from hovle_edge.export import export_model
-
-    checkpoint, tensorrt_folder = prepared(SIZE, work)
-    if target == "tensorrt":
-        return tensorrt_folder
-    folder = os.path.join(work, f"{SIZE}-fp32-{target}")
-    if not os.path.isfile(os.path.join(folder, "manifest.json")):
-        export_model(checkpoint, folder, precision="fp32", max_context=4096, target=target, overwrite=True,
-                     progress=False)
-    return folder
+    return prepared(SIZE, work, "fp32", target)[1]
 
 
 # ---- one measurement, in its own process ----
@@ -106,25 +49,14 @@ def prompt_ids(context: int) -> list[int]:
     return [int(i) + (int(i) == config.embedding_config.img_context_token_id) for i in ids]
 
 
-def timed_greedy(prefill, step, ids: list[int], new_tokens: int) -> tuple[float, list[float]]:
-    """(TTFT, decode step times) in seconds: `prefill(ids)` and `step(token)` return logits [vocab]."""
-    started = time.perf_counter()
-    token = int(np.argmax(prefill(ids)))
-    ttft = time.perf_counter() - started
-    steps = []
-    for _ in range(new_tokens - 1):
-        started = time.perf_counter()
-        token = int(np.argmax(step(token)))
-        steps.append(time.perf_counter() - started)
-    return ttft, steps
-
-
 def run_hovle(folder: str, ids: list[int], new_tokens: int):
+    """The runtime's own loop (Pipeline.generate_ids): (TTFT, decode step times) in seconds."""
     from hovle_edge.runtime import Pipeline
 
     with Pipeline.from_dir(folder, threads=THREADS) as pipe:
         cache = pipe.new_cache(capacity=len(ids) + new_tokens)
-        return timed_greedy(lambda p: pipe.prefill(cache, p, None), lambda t: pipe.decode_step(cache, t), ids, new_tokens)
+        _, timings = pipe.generate_ids(cache, ids, stop_ids=(), max_new_tokens=new_tokens)
+    return timings.first_token, timings.steps
 
 
 def run_genai(folder: str, ids: list[int], new_tokens: int):
@@ -150,20 +82,30 @@ def run_genai(folder: str, ids: list[int], new_tokens: int):
 
 
 def run_torch(folder: str, ids: list[int], new_tokens: int):
+    """transformers' own loop (generate with its cache, greedy), each token's arrival stamped by a streamer."""
     import torch
     from transformers import LlamaForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times = []  # the first put() is the prompt, each later one a new token
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
 
     torch.set_num_threads(THREADS)
-    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    state = {}
-
-    def forward(input_ids):
-        out = model(torch.tensor([input_ids]), cache=state.get("cache"), use_cache=True)
-        state["cache"] = out.cache
-        return out.logits[0, -1].numpy()
-
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    stamps = Stamps()
     with torch.inference_mode():
-        return timed_greedy(forward, lambda t: forward([t]), ids, new_tokens)
+        started = time.perf_counter()
+        model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       streamer=stamps, pad_token_id=0)
+    tokens = stamps.times[1:]
+    return tokens[0] - started, [b - a for a, b in zip(tokens, tokens[1:])]
 
 
 def worker(engine: str, folder: str, context: int, new_tokens: int) -> dict:
@@ -187,7 +129,9 @@ def prepare(engine: str, work: str) -> str:
     """The engine's model folder, made once (in the parent, so that no worker imports the exporter)."""
     if engine.startswith("hovle"):
         return hovle_folder(work, "onnxruntime" if engine == "hovle-ort" else "tensorrt")
-    return genai_folder(work, engine.split("-")[1]) if engine.startswith("genai") else llama_folder(work)
+    if engine.startswith("genai"):
+        return genai_folder(SIZE, work, engine.split("-")[1], THREADS)
+    return llama_folder(SIZE, work)
 
 
 # ---- the run: every engine and context in turn, repeated; medians ----

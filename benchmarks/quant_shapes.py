@@ -41,7 +41,7 @@ def main():
     from hovle_edge.export import export_model
 
     float_dir, half_dir = os.path.join(args.demo, "onnx"), os.path.join(args.demo, "onnx-fp16")
-    for folder, precision in ((float_dir, "fp32"), (half_dir, "fp16")):  # as the demo exports (portable graphs)
+    for folder, precision in ((float_dir, "fp32"), (half_dir, "fp16")):  # as the demo exports (the default target)
         if not os.path.isfile(os.path.join(folder, "manifest.json")):
             export_model(os.path.join(args.demo, "stage3-instruct"), folder, precision=precision, max_context=1024,
                          progress=False)

@@ -46,5 +46,6 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
     from hovle_edge.export import export_model
 
     out = tmp_path_factory.mktemp("exported") / "tiny-fp32"
-    export_model(str(tiny_checkpoint), str(out), progress=False)
+    # The portable graphs: engines, the emulated GPU, graph checks and quantize's DequantizeLinear form read them.
+    export_model(str(tiny_checkpoint), str(out), progress=False, target="tensorrt")
     return out

@@ -26,7 +26,7 @@ def tiny_export_fp16(tiny_checkpoint, tmp_path_factory):
     from hovle_edge.export import export_model
 
     out = tmp_path_factory.mktemp("exported") / "tiny-fp16"
-    export_model(str(tiny_checkpoint), str(out), precision="fp16", max_context=64, progress=False)
+    export_model(str(tiny_checkpoint), str(out), precision="fp16", max_context=64, progress=False, target="tensorrt")
     return out
 
 

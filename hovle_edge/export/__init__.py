@@ -30,9 +30,9 @@ TARGETS = ("onnxruntime", "tensorrt")
 
 def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int | None = None,
                  max_context: int | None = None, overwrite: bool = False, progress: bool = True,
-                 target: str = "tensorrt") -> spec.Manifest:
+                 target: str = "onnxruntime") -> spec.Manifest:
     """Export, check and write the model folder `out`, whole or not at all, for graph `target` (see
-    TARGETS; the CLI's default is onnxruntime)."""
+    TARGETS; `hovle-edge build` and TensorRT need target="tensorrt")."""
     exported_here = folder_with(spec.MANIFEST, format=spec.MANIFEST_FORMAT)  # what --overwrite may replace
     check_replaceable(out, overwrite, exported_here, [checkpoint], what="export folder")  # before the model loads
     if precision not in PRECISIONS:
