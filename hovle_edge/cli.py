@@ -14,8 +14,25 @@ from hovle_edge import __version__
 from hovle_edge.errors import HoVLEError
 
 
+class Command(click.Command):
+    """Reports a library error about one setting as a bad value of the option that set it: the library
+    names the setting by its parameter name (`HoVLEError.setting`) and never knows the command line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HoVLEError as e:
+            option = next((p for p in self.params if e.setting and p.name == e.setting), None)
+            if option is None:
+                raise
+            raise click.BadParameter(str(e), ctx, option) from e
+
+
 class Group(click.Group):
     """Turns hovle-edge's own errors into one clear line and exit code 2 instead of a traceback."""
+
+    command_class = Command
+    group_class = type  # subgroups (train, shapes) are Groups too, so their commands are Commands
 
     def invoke(self, ctx):
         try:
@@ -370,20 +387,16 @@ def demo(out, quick):
                                                    "rtx4090, h100, h200 or all (default all).")
 @click.option("--preset", default=None, help="With --roofline-only and no --model: a config preset (hovle-2.6b).")
 @click.option("--contexts", default="128,512,2048", show_default=True, help="Contexts for --roofline-only.")
-def profile(model_dir, backend, device, threads, image, tiles, prompt_tokens, new_tokens, runs, warmup, json_path,
-            plot_path, sweep, roofline_only, device_model, preset, contexts):
+def profile(contexts, **options):
     """Measure latency on the real pipeline (p50/p90/p99 of every stage) and place decode speed on
     a memory-bandwidth roofline; `--roofline-only` sizes an edge device with no GPU present."""
-    from hovle_edge.profiling.command import run_profile
+    from hovle_edge.profiling import ProfileSettings, run_profile
 
     try:
-        context_list = [int(c) for c in contexts.split(",")]
+        context_list = tuple(int(c) for c in contexts.split(","))
     except ValueError:
         raise click.BadParameter("whole numbers separated by commas", param_hint="--contexts")
-    if min(context_list) < 1:
-        raise click.BadParameter(f"{contexts}: every context must be at least 1 token", param_hint="--contexts")
-    click.echo(run_profile(model_dir, backend, device, threads, image, tiles, prompt_tokens, new_tokens, runs, warmup,
-                           json_path, plot_path, sweep, roofline_only, device_model, preset, context_list))
+    click.echo(run_profile(ProfileSettings(contexts=context_list, **options)))
 
 
 @main.command()
@@ -412,17 +425,11 @@ def build(model_dir, out, precision, max_context, max_prompt, max_tiles, max_bat
     GPU that will run them; tensorrt-rtx also ahead of time, without a GPU, for --compute-capability).
     Unchanged graphs come from the engine cache."""
     from hovle_edge.engines.builder import build_engines
-    from hovle_edge.errors import EngineBuildError
 
-    try:
-        record = build_engines(model_dir, out, precision=precision, max_context=max_context, max_prompt=max_prompt,
-                               max_tiles=max_tiles, max_batch=max_batch, compute_capabilities=compute_capabilities,
-                               timing_cache=timing_cache, workspace_gib=workspace, flavour=flavour,
-                               overwrite=overwrite, log=click.echo)
-    except EngineBuildError as e:
-        if e.setting == "compute_capabilities":
-            raise click.BadParameter(str(e), param_hint="--compute-capability")
-        raise
+    record = build_engines(model_dir, out, precision=precision, max_context=max_context, max_prompt=max_prompt,
+                           max_tiles=max_tiles, max_batch=max_batch, compute_capabilities=compute_capabilities,
+                           timing_cache=timing_cache, workspace_gib=workspace, flavour=flavour, overwrite=overwrite,
+                           log=click.echo)
     for graph, entry in record["engines"].items():
         click.echo(f"{graph:<10} {entry['build_seconds']:8.1f} s {entry['bytes'] / 2**20:8.2f} MiB  "
                    f"profiles {', '.join(p['name'] for p in entry['profiles'])}")

@@ -2,7 +2,12 @@
 
 
 class HoVLEError(Exception):
-    """Base of every error hovle-edge raises on purpose."""
+    """Base of every error hovle-edge raises on purpose. `setting` names the library setting at fault,
+    if one is (a parameter or field name, never a command-line flag): the CLI turns it into its option."""
+
+    def __init__(self, *args, setting: str | None = None):
+        super().__init__(*args)
+        self.setting = setting
 
 
 class ConfigError(HoVLEError):
@@ -31,8 +36,4 @@ class OutputFolderError(HoVLEError):
 
 class EngineBuildError(HoVLEError):
     """A TensorRT engine that cannot be built: a graph the parser refuses, a target GPU the builder
-    cannot compile for, a build that fails. `setting` names the build setting at fault, if one is."""
-
-    def __init__(self, message: str, setting: str | None = None):
-        super().__init__(message)
-        self.setting = setting
+    cannot compile for, a build that fails."""

@@ -24,7 +24,7 @@ def manifest(tiny_export):
 def test_limits_beyond_the_export_are_refused(manifest):
     with pytest.raises(InputError, match="more than the model was exported for"):
         limits_for(manifest, max_context=10**6)
-    with pytest.raises(InputError, match="--max-tiles 9 is more than the model takes"):
+    with pytest.raises(InputError, match="9 tiles are more than the model takes"):
         limits_for(manifest, max_tiles=9)
 
 

@@ -79,11 +79,11 @@ def test_official_shard_layout():
 
 def test_profile_prompt_shorter_than_template_fails_before_loading(tiny_export, monkeypatch):
     from hovle_edge.runtime import Pipeline
-    from hovle_edge.profiling.command import run_profile
+    from hovle_edge.profiling import ProfileSettings, run_profile
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(Pipeline, "from_dir", no_loading)
     with pytest.raises(InputError, match="shorter than the template"):
-        run_profile(str(tiny_export), tiles=1, prompt_tokens=3)
+        run_profile(ProfileSettings(str(tiny_export), tiles=1, prompt_tokens=3))

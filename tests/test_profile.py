@@ -10,8 +10,10 @@ from PIL import Image
 
 from hovle_edge.cli import main
 from hovle_edge.errors import InputError
-from hovle_edge.profiling.latency import parse_sweep, percentiles, profile, prompt_ids
+from hovle_edge.profiling import ProfileSettings
+from hovle_edge.profiling.latency import percentiles, profile, prompt_ids
 from hovle_edge.profiling.roofline import decode_cost, layer_parameters
+from hovle_edge.profiling.settings import parse_sweep
 from hovle_edge.runtime import Pipeline
 
 
@@ -62,10 +64,11 @@ def test_prompt_has_the_asked_number_of_text_tokens(pipe):
         prompt_ids(pipe, 3, tiles=0)
 
 
-def test_profile_report_holds_every_run(pipe, tmp_path):
+def test_profile_report_holds_every_run(pipe, tiny_export, tmp_path):
     image = tmp_path / "scene.png"
     Image.new("RGB", (150, 70), "blue").save(image)
-    report = profile(pipe, image=str(image), prompt_tokens=200, new_tokens=6, runs=3, warmup=1)
+    settings = ProfileSettings(str(tiny_export), image=str(image), prompt_tokens=200, new_tokens=6, runs=3, warmup=1)
+    report = profile(pipe, settings)
     assert len(report.runs) == 3
     for run in report.runs:
         assert run["new_tokens"] == 6 and len(run["step_ms"]) == 5  # the last token is chosen, not run
@@ -116,3 +119,27 @@ def test_roofline_only_needs_no_runtime(tiny_export):
     assert result.exit_code == 0 and "Jetson Thor" in result.output
     result = CliRunner().invoke(main, ["profile", "--roofline-only", "--preset", "hovle-2.6b", "--device-model", "pi"])
     assert result.exit_code == 2 and "choose one of" in result.output
+
+
+def test_settings_refuse_what_they_can_alone_naming_the_field():
+    """Each refusal names the field at fault (the CLI turns it into its option), before a model loads."""
+    cases = [({"model_dir": "m", "runs": 0}, "runs"), ({"model_dir": "m", "warmup": -1}, "warmup"),
+             ({"model_dir": "m", "tiles": 0}, "tiles"), ({"roofline_only": True, "preset": "tiny", "contexts": (5, 0)},
+                                                         "contexts"),
+             ({"preset": "tiny"}, "model_dir"),  # a preset has no graphs to run: only its roofline
+             ({"model_dir": "m", "sweep": "tiles=1,x"}, "sweep"), ({"model_dir": "m", "sweep": "tiles=2,0"}, "sweep")]
+    for fields, setting in cases:
+        with pytest.raises(InputError) as caught:
+            ProfileSettings(**fields)
+        assert caught.value.setting == setting and "--" not in str(caught.value), (fields, str(caught.value))
+    swept = ProfileSettings("m", tiles=1, sweep="prompt-tokens=200,260").swept()
+    assert [(s.prompt_tokens, s.tiles, s.sweep) for s in swept] == [(200, 1, None), (260, 1, None)]
+
+
+def test_cli_names_the_option_of_a_refused_setting(tiny_export):
+    result = CliRunner().invoke(main, ["profile", "--model", str(tiny_export), "--prompt-tokens", "3"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: Invalid value for '--prompt-tokens': a prompt of 3 tokens is shorter"), \
+        result.output
+    result = CliRunner().invoke(main, ["profile", "--model", str(tiny_export), "--sweep", "prompt-tokens=200,3"])
+    assert result.exit_code == 2 and "Invalid value for '--sweep'" in result.output, result.output

@@ -45,14 +45,17 @@ def limits_for(manifest: Manifest, max_context: int | None = None, max_prompt: i
     model = manifest.model
     context = max_context or manifest.max_context
     if context > manifest.max_context:
-        raise InputError(f"--max-context {context} is more than the model was exported for ({manifest.max_context})")
+        raise InputError(f"a context of {context} tokens is more than the model was exported for "
+                         f"({manifest.max_context})", setting="max_context")
     tiles_exported = model["max_tiles"] + (1 if model["use_thumbnail"] and model["max_tiles"] > 1 else 0)
     tiles = max_tiles or tiles_exported
     if tiles > tiles_exported:
-        raise InputError(f"--max-tiles {tiles} is more than the model takes ({tiles_exported} with the thumbnail)")
+        raise InputError(f"{tiles} tiles are more than the model takes ({tiles_exported} with the thumbnail)",
+                         setting="max_tiles")
     prompt = max_prompt or context
     if not 2 <= prompt <= context:
-        raise InputError(f"the longest prompt ({prompt}) must lie between 2 and the context ({context})")
+        raise InputError(f"the longest prompt ({prompt}) must lie between 2 and the context ({context})",
+                         setting="max_prompt")
     return Limits(context, prompt, tiles, max_batch)
 
 

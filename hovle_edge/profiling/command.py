@@ -6,9 +6,8 @@ from __future__ import annotations
 from hovle_edge.errors import InputError
 from hovle_edge.files import write_json
 from hovle_edge.profiling import roofline
-from hovle_edge.profiling.latency import check_before_loading, parse_sweep, plot, profile, sweep_table
-
-SWEEP_ARGUMENT = {"prompt-tokens": "prompt_tokens", "tiles": "tiles", "new-tokens": "new_tokens"}
+from hovle_edge.profiling.latency import check_before_loading, plot, profile, sweep_table
+from hovle_edge.profiling.settings import ProfileSettings, parse_sweep
 
 
 def model_numbers(model_dir: str | None, preset: str | None) -> tuple[dict, str, str]:
@@ -24,7 +23,7 @@ def model_numbers(model_dir: str | None, preset: str | None) -> tuple[dict, str,
         from hovle_edge.spec import model_section
 
         return model_section(config_preset(preset)), "fp16", f"preset {preset} (fp16)"
-    raise InputError("give --model DIR (an exported folder) or, with --roofline-only, --preset NAME")
+    raise InputError("no model numbers: name an exported model folder or a config preset", setting="model_dir")
 
 
 def roofline_text(cost: roofline.DecodeCost, rows: list[dict]) -> str:
@@ -45,36 +44,31 @@ def devices_for(device_model: str | None) -> dict:
     if device_model in (None, "all"):
         return dict(roofline.DEVICES)
     if device_model not in roofline.DEVICES:
-        raise InputError(f"--device-model {device_model!r}: choose one of {', '.join(roofline.DEVICES)} or all")
+        raise InputError(f"device {device_model!r}: choose one of {', '.join(roofline.DEVICES)} or all",
+                         setting="device_model")
     return {device_model: roofline.DEVICES[device_model]}
 
 
-def run_profile(model_dir=None, backend="onnxruntime", device="cpu", threads=None, image=None, tiles=None,
-                prompt_tokens=128, new_tokens=64, runs=5, warmup=1, json_path=None, plot_path=None, sweep=None,
-                roofline_only=False, device_model=None, preset=None, contexts=(128, 512, 2048)) -> str:
+def run_profile(settings: ProfileSettings) -> str:
     """Returns the text to print."""
-    numbers, precision, name = model_numbers(model_dir, preset)
+    numbers, precision, name = model_numbers(settings.model_dir, settings.preset)
     cost = roofline.decode_cost(numbers, precision, numbers.get("quantization"))
-    devices = devices_for(device_model)
-    if roofline_only:
-        rows = roofline.roofline_table(cost, list(contexts), devices)
-        if json_path:
-            write_json(json_path, {"model": name, "precision": precision, "weight_bytes": cost.weight_bytes,
-                                   "kv_bytes_per_token": cost.kv_bytes_per_token, "roofline": rows})
+    devices = devices_for(settings.device_model)
+    if settings.roofline_only:
+        rows = roofline.roofline_table(cost, list(settings.contexts), devices)
+        if settings.json_path:
+            write_json(settings.json_path, {"model": name, "precision": precision, "weight_bytes": cost.weight_bytes,
+                                            "kv_bytes_per_token": cost.kv_bytes_per_token, "roofline": rows})
         return roofline_text(cost, rows)
     from hovle_edge.runtime import Pipeline
 
-    check_before_loading(model_dir, image, tiles, prompt_tokens, new_tokens, runs, warmup, sweep)
-    with Pipeline.from_dir(model_dir, backend=backend, device=device, threads=threads) as pipe:
-        settings = dict(image=image, tiles=tiles, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
-                        warmup=warmup, model=model_dir, backend=backend, device=device)
-        if sweep:
-            key, values = parse_sweep(sweep)
-            reports = [profile(pipe, **{**settings, SWEEP_ARGUMENT[key]: value}) for value in values]
-        else:
-            key, values, reports = None, [None], [profile(pipe, **settings)]
+    check_before_loading(settings)
+    with Pipeline.from_dir(settings.model_dir, backend=settings.backend, device=settings.device,
+                           threads=settings.threads) as pipe:
+        reports = [profile(pipe, one) for one in settings.swept()]
+    key, values = parse_sweep(settings.sweep) if settings.sweep else (None, [None])
     measured, host = {}, {}
-    if device == "cpu":
+    if settings.device == "cpu":
         host = {"host": ("this host (measured copy)", roofline.host_bandwidth_gbs())}
     for report in reports:
         s = report.settings
@@ -82,12 +76,12 @@ def run_profile(model_dir=None, backend="onnxruntime", device="cpu", threads=Non
         measured[context] = report.summary()["decode_tokens_per_s"]["p50"]
         report.settings["mean_decode_context"] = context
     rows = roofline.roofline_table(cost, sorted(measured), {**host, **devices}, measured, "host" if host else None)
-    text = sweep_table(key, values, reports) if sweep else reports[0].table()
+    text = sweep_table(key, values, reports) if settings.sweep else reports[0].table()
     text += "\n\n" + roofline_text(cost, rows)
-    if json_path:
-        write_json(json_path, {"profiles": [r.to_json() for r in reports], "sweep": key, "values": values,
-                               "roofline": rows, "weight_bytes": cost.weight_bytes,
-                               "kv_bytes_per_token": cost.kv_bytes_per_token})
-    if plot_path:
-        plot(plot_path, reports[0], (key, values, reports) if sweep else None)
+    if settings.json_path:
+        write_json(settings.json_path, {"profiles": [r.to_json() for r in reports], "sweep": key, "values": values,
+                                        "roofline": rows, "weight_bytes": cost.weight_bytes,
+                                        "kv_bytes_per_token": cost.kv_bytes_per_token})
+    if settings.plot_path:
+        plot(settings.plot_path, reports[0], (key, values, reports) if settings.sweep else None)
     return text

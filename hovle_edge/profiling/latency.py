@@ -1,8 +1,7 @@
-"""`hovle-edge profile`: the real pipeline run several times with the runtime's own timers, reported
-per run and as p50/p90/p99 (image preprocessing, vision graph, embedding and LLM prefill, time to
-first token, inter-token latency, decode tokens/s, end to end), with peak host RSS and, on GPU, peak
-device memory; sweeps over prompt length or tiles; a table, JSON with every raw timing, and a PNG.
-Torch-free."""
+"""Latency of the real pipeline: run several times with the runtime's own timers, reported per run and
+as p50/p90/p99 (image preprocessing, vision graph, embedding and LLM prefill, time to first token,
+inter-token latency, decode tokens/s, end to end), with peak host RSS and, on GPU, peak device memory;
+sweep tables, and a PNG. Torch-free."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hovle_edge.errors import InputError
+from hovle_edge.profiling.settings import ProfileSettings
 from hovle_edge.tokenizer import IM_END, IM_START, Prompt
 
 # (key in a run's record, label in the table); all in milliseconds except tokens/s.
@@ -26,7 +26,6 @@ METRICS = [
     ("decode_tokens_per_s", "decode tokens/s"),
     ("e2e_ms", "end to end"),
 ]
-SWEEPABLE = ("prompt-tokens", "tiles", "new-tokens")
 
 
 def percentiles(values) -> dict:
@@ -111,51 +110,45 @@ def prompt_ids(pipe, prompt_tokens: int, tiles: int) -> list[int]:
     image_tokens = tiles * template.tokens_per_tile
     filler = prompt_tokens - (len(head) - image_tokens) - len(tail)
     if filler < 1:
-        raise InputError(f"--prompt-tokens {prompt_tokens} is shorter than the template itself "
-                         f"({len(head) - image_tokens + len(tail) + 1} tokens)")
+        raise InputError(f"a prompt of {prompt_tokens} tokens is shorter than the template itself "
+                         f"({len(head) - image_tokens + len(tail) + 1} tokens)", setting="prompt_tokens")
     word = tokenizer.encode(" the")[-1]
     return head + [word] * filler + tail
 
 
-def check_counts(runs: int, warmup: int, new_tokens: int) -> None:
-    if runs < 1 or warmup < 0 or new_tokens < 1:
-        raise InputError("--runs and --new-tokens must be at least 1, --warmup at least 0")
-
-
-def check_before_loading(model_dir: str, image=None, tiles: int | None = None, prompt_tokens: int = 128,
-                         new_tokens: int = 64, runs: int = 5, warmup: int = 1, sweep: str | None = None) -> None:
-    """The errors that depend only on the arguments, the manifest and the tokenizer, raised before any
-    graph is opened (a 2.6B folder takes half a minute to load); with `sweep`, for each of its values."""
+def check_before_loading(settings: ProfileSettings) -> None:
+    """The errors that depend only on the settings, the manifest and the tokenizer, raised before any
+    graph is opened (a 2.6B folder takes half a minute to load); for each value of a sweep."""
     from hovle_edge.runtime.pipeline import Pipeline
     from hovle_edge.spec import load_manifest
     from hovle_edge.tokenizer import Tokenizer
 
-    settings = [{"tiles": tiles, "prompt-tokens": prompt_tokens, "new-tokens": new_tokens}]
-    if sweep:
-        key, values = parse_sweep(sweep)
-        settings = [{**settings[0], key: value} for value in values]
+    model_dir, image = settings.model_dir, settings.image
     inputs = Pipeline(load_manifest(model_dir, verify=False), None, Tokenizer.from_dir(model_dir))  # no backend: no graphs
-    for s in settings:
-        check_counts(runs, warmup, s["new-tokens"])
-        tile_count = len(inputs.pixel_values(image, None)) if image is not None else (s["tiles"] or 0)
-        prompt_ids(inputs, s["prompt-tokens"], tile_count)
+    for one in settings.swept():
+        tile_count = len(inputs.pixel_values(image, None)) if image is not None else (one.tiles or 0)
+        try:
+            prompt_ids(inputs, one.prompt_tokens, tile_count)
+        except InputError as e:
+            if not settings.sweep:
+                raise
+            raise InputError(f"sweep {settings.sweep!r}: {e}", setting="sweep") from e
 
 
-def profile(pipe, image=None, tiles: int | None = None, prompt_tokens: int = 128, new_tokens: int = 64,
-            runs: int = 5, warmup: int = 1, model: str = "", backend: str = "onnxruntime", device: str = "cpu",
-            seed: int = 0) -> ProfileReport:
+def profile(pipe, settings: ProfileSettings, seed: int = 0) -> ProfileReport:
     """Run the pipeline `warmup + runs` times; greedy, exactly `new_tokens` generated per run."""
-    check_counts(runs, warmup, new_tokens)
+    image, tiles, prompt_tokens, new_tokens = settings.image, settings.tiles, settings.prompt_tokens, settings.new_tokens
+    runs, warmup, device = settings.runs, settings.warmup, settings.device
     size = pipe.manifest.model["image_size"]
     tile_count = len(pipe.pixel_values(image, None)) if image is not None else (tiles or 0)
     random_tiles = None
     if image is None and tile_count:  # the vision graph's cost does not depend on the pixels
         random_tiles = np.random.default_rng(seed).standard_normal((tile_count, 3, size, size)).astype(np.float32)
     ids = prompt_ids(pipe, prompt_tokens, tile_count)
-    report = ProfileReport(settings={"model": model, "backend": backend, "device": device, "tiles": tile_count,
-                                     "prompt_tokens": prompt_tokens, "image_tokens": tile_count * pipe.template.tokens_per_tile,
-                                     "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
-                                     "image": None if image is None else str(image)})
+    report = ProfileReport(settings={"model": settings.model_dir, "backend": settings.backend, "device": device,
+                                     "tiles": tile_count, "prompt_tokens": prompt_tokens,
+                                     "image_tokens": tile_count * pipe.template.tokens_per_tile, "new_tokens": new_tokens,
+                                     "runs": runs, "warmup": warmup, "image": None if image is None else str(image)})
     for index in range(warmup + runs):
         chat = pipe.conversation()
         chat.ask_ids(ids, random_tiles, image=image, stop_ids=(), max_new_tokens=new_tokens)
@@ -167,17 +160,6 @@ def profile(pipe, image=None, tiles: int | None = None, prompt_tokens: int = 128
             report.runs.append(record(chat.timings))
     report.peak_rss_mb = peak_rss_mb()
     return report
-
-
-def parse_sweep(text: str) -> tuple[str, list[int]]:
-    """"prompt-tokens=128,512,2048" -> ("prompt-tokens", [128, 512, 2048])."""
-    key, _, values = text.partition("=")
-    if key not in SWEEPABLE or not values:
-        raise InputError(f"--sweep {text!r}: write NAME=V1,V2,... with NAME one of {', '.join(SWEEPABLE)}")
-    try:
-        return key, [int(v) for v in values.split(",")]
-    except ValueError as e:
-        raise InputError(f"--sweep {text!r}: values must be whole numbers") from e
 
 
 def sweep_table(key: str, values: list[int], reports: list[ProfileReport]) -> str:
@@ -198,7 +180,7 @@ def plot(path: str, report: ProfileReport | None = None, sweep: tuple[str, list[
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise InputError("--plot needs matplotlib: pip install 'hovle-edge[plot]'") from e
+        raise InputError("a plot needs matplotlib: pip install 'hovle-edge[plot]'", setting="plot_path") from e
     from hovle_edge.files import atomic_file
 
     if sweep is not None:
