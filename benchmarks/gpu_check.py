@@ -52,7 +52,8 @@ def tiny_prepared(work: str) -> tuple[str, str]:
         model.save_pretrained(checkpoint)
         world_tokenizer().save(checkpoint)
     if not os.path.isfile(os.path.join(model_dir, "manifest.json")):
-        export_model(checkpoint, model_dir, precision="fp16", max_context=2048, overwrite=True, progress=False)
+        export_model(checkpoint, model_dir, precision="fp16", max_context=2048, target="tensorrt", overwrite=True,
+                     progress=False)
     return checkpoint, model_dir
 
 
@@ -63,46 +64,32 @@ def prompt_ids(vocab: int, image_token: int, length: int) -> list[int]:
 
 
 def greedy(pipe: Pipeline, ids: list[int], new_tokens: int) -> tuple[list[int], float, list[float]]:
-    """(tokens, seconds to the first token's logits, each decode step's seconds) through the step API."""
-    cache = pipe.new_cache(len(ids) + new_tokens)
-    started = time.perf_counter()
-    logits = pipe.prefill(cache, ids)
-    tokens, steps = [int(np.argmax(logits))], []
-    first = time.perf_counter() - started
-    for _ in range(new_tokens - 1):
-        step = time.perf_counter()
-        tokens.append(int(np.argmax(pipe.decode_step(cache, tokens[-1]))))
-        steps.append(time.perf_counter() - step)
-    return tokens, first, steps
+    """(tokens, seconds to the first token, each decode step's seconds) through the runtime's own loop."""
+    tokens, timings = pipe.generate_ids(pipe.new_cache(len(ids) + new_tokens), ids, stop_ids=(),
+                                        max_new_tokens=new_tokens)
+    return tokens, timings.first_token, timings.steps
 
 
 def torch_greedy(checkpoint: str, ids: list[int], new_tokens: int, repeats: int) -> tuple[list[int], float, float]:
-    """The PyTorch reference on the GPU, fp16, with its KV cache: (tokens, best TTFT s, median step s)."""
+    """The PyTorch reference's own loop (model/generate.py) on the GPU, fp16, with its KV cache:
+    (tokens, best TTFT s, median step s)."""
     import torch
 
-    from hovle_edge.model import HoVLE
+    from hovle_edge.model import HoVLE, generate
 
     model = HoVLE.from_pretrained(checkpoint, dtype=torch.float16, device="cuda").eval()
     firsts, steps = [], []
-    with torch.no_grad():
-        for _ in range(repeats + 1):  # the first run warms the kernels up and is not counted
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            out = model(torch.tensor([ids], device="cuda"))
-            tokens = [int(out.logits[0, -1].argmax())]  # .item() waits for the GPU
-            first = time.perf_counter() - started
-            run_steps = []
-            for _ in range(new_tokens - 1):
-                step = time.perf_counter()
-                out = model(torch.tensor([[tokens[-1]]], device="cuda"), past_key_values=out.past_key_values)
-                tokens.append(int(out.logits[0, -1].argmax()))
-                run_steps.append(time.perf_counter() - step)
-            firsts.append(first)
-            steps.extend(run_steps)
-        firsts, steps = firsts[1:], steps[new_tokens - 1:]
+    for _ in range(repeats + 1):  # the first run warms the kernels up and is not counted
+        chosen = []  # each token's choice waits for the GPU (int() of its argmax)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        tokens = generate(model, torch.tensor([ids], device="cuda"), max_new_tokens=new_tokens,
+                          on_token=lambda token: chosen.append(time.perf_counter()))
+        firsts.append(chosen[0] - started)
+        steps.append([b - a for a, b in zip(chosen, chosen[1:])])
     del model
     torch.cuda.empty_cache()
-    return tokens, min(firsts), statistics.median(steps)
+    return tokens, min(firsts[1:]), statistics.median(s for run in steps[1:] for s in run)
 
 
 def gpu_bandwidth_gbs() -> float:
@@ -123,7 +110,7 @@ def gpu_bandwidth_gbs() -> float:
 
 
 def check_model(name: str, args, log) -> dict:
-    checkpoint, model_dir = tiny_prepared(args.work) if name == "tiny" else prepared(name, args.work, "fp16")
+    checkpoint, model_dir = tiny_prepared(args.work) if name == "tiny" else prepared(name, args.work, "fp16", "tensorrt")
     engine_dir = os.path.join(args.work, f"{name}-fp16-engines")
     started = time.perf_counter()
     record = build_engines(model_dir, engine_dir, precision="fp16", max_context=args.max_context,
