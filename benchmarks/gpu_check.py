@@ -110,7 +110,10 @@ def gpu_bandwidth_gbs() -> float:
 
 
 def check_model(name: str, args, log) -> dict:
-    checkpoint, model_dir = tiny_prepared(args.work) if name == "tiny" else prepared(name, args.work, "fp16", "tensorrt")
+    if name == "tiny":
+        checkpoint, model_dir = tiny_prepared(args.work)
+    else:
+        checkpoint, model_dir = prepared(name, args.work, "fp16", "tensorrt")
     engine_dir = os.path.join(args.work, f"{name}-fp16-engines")
     started = time.perf_counter()
     record = build_engines(model_dir, engine_dir, precision="fp16", max_context=args.max_context,
