@@ -80,8 +80,18 @@ def in_existing_folder(ctx, param, path):
 def main():
     """hovle-edge: HoVLE from PyTorch to edge GPUs.
 
-    Train (train, shapes), export to ONNX (export, verify), build TensorRT engines (build), and run
-    on device without torch (run, chat, profile).
+    \b
+    In the order the data flows:
+      demo, shapes         the whole method end to end on a synthetic world, and its parts
+      train                the paper's three stages: distill, align, instruct
+      convert-tokenizer    a tokenizer.json that the torch-free runtime reads
+      export, verify       ONNX graphs, checked against the PyTorch checkpoint
+      quantize             weight-only INT4/INT8 of an exported folder
+      build                TensorRT engines from an exported folder
+      run, chat, serve     answers without torch (one question, the terminal, an HTTP API)
+      profile              latency by stage and the memory-bandwidth bound on decode
+
+    `hovle-edge COMMAND --help` describes each.
     """
 
 
@@ -89,7 +99,7 @@ def main():
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 def convert_tokenizer(directory):
     """Write DIRECTORY/tokenizer.json from its tokenizer.model (+ added_tokens.json), so that the
-    runtime needs only the `tokenizers` library."""
+    runtime needs only the `tokenizers` library. DIRECTORY: a checkpoint or tokenizer folder."""
     from hovle_edge.tokenizer import convert_tokenizer as convert
 
     click.echo(f"wrote {convert(directory)}")
@@ -122,11 +132,14 @@ def export(checkpoint, out, precision, opset, max_context, target, overwrite):
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The PyTorch checkpoint folder the model was exported from.")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The folder `hovle-edge export` wrote from it.")
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="A real image to check with (default: a drawn one).")
-@click.option("--prompt", default="What is in the image?", show_default=True)
-@click.option("--new-tokens", type=POSITIVE, default=32, show_default=True)
+@click.option("--prompt", default="What is in the image?", show_default=True, help="The question the logits are compared on.")
+@click.option("--new-tokens", type=POSITIVE, default=32, show_default=True,
+              help="Greedy steps of PyTorch decoded by the runtime, every step's logits compared.")
 def verify(checkpoint, model_dir, image, prompt, new_tokens):
     """Compare an exported model folder with its PyTorch checkpoint; exit 1 past the tolerance."""
     from hovle_edge.export.verify import verify_model
@@ -140,7 +153,7 @@ def verify(checkpoint, model_dir, image, prompt, new_tokens):
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A float folder made by `hovle-edge export`.")
 @click.option("--out", required=True, type=click.Path(), help="Quantized model folder to write (appears whole or not at all).")
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Bits per weight.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="Input rows per scale (a power of two >= 16 dividing every width).")
 @click.option("--method", type=click.Choice(["rtn", "awq"]), default="rtn", show_default=True,
               help="rtn: round to nearest; awq: activation-aware scales searched on calibration prompts.")
@@ -169,25 +182,37 @@ def quantize(model_dir, out, bits, group_size, method, calibration, quantize_hea
 def sampling_options(command):
     """The generation options shared by run, chat and profile."""
     options = [
-        click.option("--max-new-tokens", type=POSITIVE, default=256, show_default=True),
+        click.option("--max-new-tokens", type=POSITIVE, default=256, show_default=True,
+                     help="Most tokens to generate per answer (a stop token ends it sooner)."),
         click.option("--temperature", type=Finite(0.0), default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True, help="0 keeps every token."),
-        click.option("--top-p", type=Finite(0.0, 1.0, low_open=True), default=1.0, show_default=True),
-        click.option("--repetition-penalty", type=Finite(0.0, low_open=True), default=1.0, show_default=True),
-        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None),
+        click.option("--top-p", type=Finite(0.0, 1.0, low_open=True), default=1.0, show_default=True,
+                     help="Sample from the most likely tokens whose probabilities add up to this (1 keeps every token)."),
+        click.option("--repetition-penalty", type=Finite(0.0, low_open=True), default=1.0, show_default=True,
+                     help="Makes tokens already seen less likely (positive logits divided by it, negative ones multiplied); 1 is off."),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+                     help="Seed of the sampler: the same seed gives the same text (default: a fresh one)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
+BACKEND_HELP = "tensorrt runs engines from `hovle-edge build` (then --device cuda)."
+DEVICE_HELP = ("onnxruntime's execution provider: cpu, cuda, or tensorrt (ONNX Runtime's TensorRT provider, "
+               "CUDA for what it does not take); the tensorrt backend takes cuda.")
+THREADS_HELP = "CPU threads for the backend (default: all cores)."
+
+
 def backend_options(command):
+    """The model and backend options shared by run, chat and serve."""
     options = [
         click.option("--model", "model_dir", required=True, type=click.Path(), help="A folder made by `hovle-edge export`."),
         click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-                     help="tensorrt runs engines from `hovle-edge build` (then --device cuda)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True),
-        click.option("--threads", type=POSITIVE, default=None, help="CPU threads for the backend (default: all cores)."),
+                     help=BACKEND_HELP),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+                     help=DEVICE_HELP),
+        click.option("--threads", type=POSITIVE, default=None, help=THREADS_HELP),
     ]
     for option in reversed(options):
         command = option(command)
@@ -197,9 +222,10 @@ def backend_options(command):
 @main.command()
 @backend_options
 @click.option("--prompt", required=True, help="The question; `<image>` marks where the image goes.")
-@click.option("--image", type=click.Path(dir_okay=False), default=None)
+@click.option("--image", type=click.Path(dir_okay=False), default=None, help="An image the question is about.")
 @click.option("--max-tiles", type=POSITIVE, default=None, help="At most this many image tiles (default: the model's).")
-@click.option("--stream/--no-stream", default=True, show_default=True)
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Print tokens as they are generated, or the whole answer at the end.")
 @sampling_options
 def run(model_dir, backend, device, threads, prompt, image, max_tiles, stream, **sampling):
     """Answer one question, optionally about an image, without torch."""
@@ -234,14 +260,14 @@ def chat(model_dir, backend, device, threads, image, **sampling):
 def train_options(command):
     """Settings of the shared training loop; unset ones come from the previous stage or the defaults."""
     options = [
-        click.option("--steps", type=int, default=None),
+        click.option("--steps", type=int, default=None, help="Optimizer steps."),
         click.option("--batch-size", type=int, default=None, help="Sequences per process per micro-step."),
-        click.option("--grad-accum", type=int, default=None),
-        click.option("--lr", type=float, default=None),
-        click.option("--warmup", type=int, default=None),
+        click.option("--grad-accum", type=int, default=None, help="Micro-steps whose gradients add up to one step."),
+        click.option("--lr", type=float, default=None, help="Peak learning rate of AdamW, reached after --warmup steps, then cosine decay."),
+        click.option("--warmup", type=int, default=None, help="Steps of linear warmup to --lr."),
         click.option("--clip", type=float, default=None, help="Gradient norm clip (0: off)."),
         click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (a rerun resumes from the last)."),
-        click.option("--seed", type=int, default=None),
+        click.option("--seed", type=int, default=None, help="Seed of the data order and of fresh weights."),
         click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default=None,
                      help="Under torchrun: ddp keeps a whole replica per process; fsdp shards weights, gradients "
                           "and optimizer state (for the 2.6B model on GPUs that cannot hold it all). Default ddp."),
@@ -276,7 +302,7 @@ def train():
               help="Images to report the mean cosine to the teacher on.")
 @click.option("--embedding-layers", type=int, default=None, help="Layers of a fresh holistic embedding.")
 @click.option("--image-size", type=int, default=None, help="Tile size of a fresh holistic embedding.")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The checkpoint folder to write.")
 @train_options
 def train_distill(init, data, teacher, text, held_out, embedding_layers, image_size, out, **settings):
     """Stage 1: only the holistic embedding trains, pulled to the teacher and the LLM's embeddings."""
@@ -293,7 +319,7 @@ def supervised_command(stage: str, doc: str):
                   help="The previous stage's output folder.")
     @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
                   help="JSONL records (default: the previous stage's data when it was this stage).")
-    @click.option("--out", required=True, type=click.Path(file_okay=False))
+    @click.option("--out", required=True, type=click.Path(file_okay=False), help="The checkpoint folder to write.")
     @train_options
     def command(init, data, out, **settings):
         from hovle_edge.train.stages import run_stage
@@ -315,7 +341,7 @@ def shapes():
 
 
 @shapes.command("pretrain-teacher")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The teacher's folder to write.")
 @click.option("--steps", type=int, default=None, help="Training steps  [default: the demo's]")
 def shapes_teacher(out, steps):
     """Train the tiny vision encoder that plays InternViT, on scene attributes."""
@@ -326,7 +352,8 @@ def shapes_teacher(out, steps):
 
 
 @shapes.command("pretrain-lm")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The LM's folder to write (an InternLM2-style checkpoint with its tokenizer).")
 @train_options
 def shapes_lm(out, **settings):
     """Train the world's tokenizer and the tiny InternLM2-style LM that plays InternLM2."""
@@ -339,10 +366,11 @@ def shapes_lm(out, **settings):
 
 
 @shapes.command("data")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--kind", type=click.Choice(["caption", "chat"]), required=True)
-@click.option("--count", type=int, default=1000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The folder to write: data.jsonl and images.")
+@click.option("--kind", type=click.Choice(["caption", "chat"]), required=True,
+              help="caption: image-caption records (stage 2); chat: conversations (stage 3).")
+@click.option("--count", type=int, default=1000, show_default=True, help="Records to write.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the scenes: the same seed, the same data.")
 def shapes_data(out, kind, count, seed):
     """Write COUNT records of image-caption or conversation JSONL with their images."""
     from hovle_edge.shapes.world import write_dataset
@@ -368,15 +396,17 @@ def demo(out, quick):
 
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(), default=None, help="A folder made by `hovle-edge export`.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--threads", type=POSITIVE, default=None)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help=BACKEND_HELP)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help=DEVICE_HELP)
+@click.option("--threads", type=POSITIVE, default=None, help=THREADS_HELP)
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="Profile with this image (preprocessing timed).")
 @click.option("--tiles", type=POSITIVE, default=None, help="Or: this many random tiles through the vision graph.")
 @click.option("--prompt-tokens", type=POSITIVE, default=128, show_default=True, help="Text tokens of the prompt.")
 @click.option("--new-tokens", type=POSITIVE, default=64, show_default=True, help="Tokens generated per run (stop tokens ignored).")
-@click.option("--runs", type=POSITIVE, default=5, show_default=True)
-@click.option("--warmup", type=NON_NEGATIVE, default=1, show_default=True)
+@click.option("--runs", type=POSITIVE, default=5, show_default=True, help="Measured runs (percentiles are over these).")
+@click.option("--warmup", type=NON_NEGATIVE, default=1, show_default=True, help="Runs before them, not measured.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=in_existing_folder,
               help="Write every raw timing here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, callback=in_existing_folder,
@@ -408,7 +438,7 @@ def profile(contexts, **options):
 @click.option("--max-context", type=POSITIVE, default=None, help="Longest conversation (default: the export's).")
 @click.option("--max-prompt", type=POSITIVE, default=None, help="Longest prefill (default: the context).")
 @click.option("--max-tiles", type=POSITIVE, default=None, help="Most image tiles at once (default: the model's, with thumbnail).")
-@click.option("--max-batch", type=POSITIVE, default=1, show_default=True)
+@click.option("--max-batch", type=POSITIVE, default=1, show_default=True, help="Most conversations in one call.")
 @click.option("--compute-capability", "compute_capabilities", multiple=True, metavar="MAJOR.MINOR",
               help="tensorrt-rtx: build ahead of time, with no GPU needed, for this GPU architecture (8.9 Ada, "
                    "12.0 Blackwell; repeat for several). Default: the GPU's own.")
@@ -441,7 +471,7 @@ def build(model_dir, out, precision, max_context, max_prompt, max_tiles, max_bat
 @main.command()
 @backend_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback by default; 0.0.0.0 serves the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port to listen on.")
 @click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1/* (default: none).")
 @click.option("--model-name", default=None, help="The model id clients send (default: the model folder's name).")
 @click.option("--allow-local-images", type=click.Path(exists=True, file_okay=False), default=None,
@@ -454,8 +484,10 @@ def build(model_dir, out, precision, max_context, max_prompt, max_tiles, max_bat
               help="Memory for KV snapshots of earlier prompts (the prefix cache); 0 turns it off.")
 @click.option("--image-cache-mb", type=click.FloatRange(min=0), default=64, show_default=True,
               help="Memory for vision outputs by image hash.")
-@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True)
-@click.option("--max-image-mb", type=click.FloatRange(min=0, min_open=True), default=10, show_default=True)
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True,
+              help="Larger request bodies get 413.")
+@click.option("--max-image-mb", type=click.FloatRange(min=0, min_open=True), default=10, show_default=True,
+              help="Larger images (encoded bytes) get 413.")
 def serve(model_dir, backend, device, threads, host, port, api_key, model_name, allow_local_images, slots, max_queue,
           cache_mb, image_cache_mb, max_body_mb, max_image_mb):
     """Serve the model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models,
