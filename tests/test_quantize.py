@@ -205,7 +205,7 @@ def test_bad_group_size_is_a_clear_error(tiny_export, tmp_path):
     with pytest.raises(InputError, match="power of two"):
         quantize_model(str(tiny_export), str(tmp_path / "q"), QuantizeSettings(group_size=24), log=lambda line: None)
     assert not (tmp_path / "q").exists()
-    with pytest.raises(InputError, match="--bits 3"):
+    with pytest.raises(InputError, match="3 bits: choose 4 or 8"):
         QuantizeSettings(bits=3)
 
 

@@ -38,7 +38,7 @@ def pick_flavour(asked: str | None) -> str:
     if not present:
         raise BackendError("neither tensorrt nor tensorrt_rtx is installed: pip install 'hovle-edge[trt]' on JetPack "
                            "or data-centre GPUs, 'hovle-edge[trt-rtx]' on RTX desktops")
-    raise BackendError("both tensorrt and tensorrt_rtx are installed: choose one with --flavour")
+    raise BackendError("both tensorrt and tensorrt_rtx are installed: choose one as the flavour", setting="flavour")
 
 
 def import_flavour(flavour: str):

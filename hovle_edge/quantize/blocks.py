@@ -22,11 +22,12 @@ BITS = (4, 8)
 def check_group_size(rows: int, group_size: int, what: str) -> None:
     """Blocks must tile K exactly, and MatMulNBits takes only powers of two from 16 up."""
     if group_size < 16 or group_size & (group_size - 1):
-        raise InputError(f"--group-size {group_size}: choose a power of two of at least 16 (32, 64, 128, ...)")
+        raise InputError(f"group size {group_size}: choose a power of two of at least 16 (32, 64, 128, ...)",
+                         setting="group_size")
     if rows % group_size:
-        raise InputError(f"--group-size {group_size} does not divide the input width {rows} of {what}; "
+        raise InputError(f"group size {group_size} does not divide the input width {rows} of {what}; "
                          f"choose a group size that divides it (the largest power of two that does is "
-                         f"{rows & -rows})")
+                         f"{rows & -rows})", setting="group_size")
 
 
 @dataclass
@@ -56,7 +57,7 @@ def quantize_weight(weight: np.ndarray, bits: int, group_size: int, what: str = 
     """Round-to-nearest, symmetric, one scale per block of `group_size` rows and per column. `clip`
     [K // g, N] (at most 1) shrinks each block's range: its largest values saturate, the rest round finer."""
     if bits not in BITS:
-        raise InputError(f"--bits {bits}: choose 4 or 8")
+        raise InputError(f"{bits} bits: choose 4 or 8", setting="bits")
     rows, cols = weight.shape
     check_group_size(rows, group_size, what)
     qmax = 2 ** (bits - 1) - 1

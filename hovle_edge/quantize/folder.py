@@ -44,13 +44,13 @@ class QuantizeSettings:
 
     def __post_init__(self):
         if self.bits not in BITS:
-            raise InputError(f"--bits {self.bits}: choose 4 or 8")
+            raise InputError(f"{self.bits} bits: choose 4 or 8", setting="bits")
         if self.method not in METHODS:
-            raise InputError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise InputError(f"method {self.method!r}: choose one of {', '.join(METHODS)}", setting="method")
         if self.target not in TARGETS:
-            raise InputError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
+            raise InputError(f"target {self.target!r}: choose one of {', '.join(TARGETS)}", setting="target")
         if self.calibration is not None and not os.path.isdir(self.calibration):
-            raise InputError(f"--calibration {self.calibration}: no such folder")
+            raise InputError(f"calibration folder {self.calibration}: no such folder", setting="calibration")
 
 
 def quantize_model(model_dir: str, out: str, settings: QuantizeSettings, overwrite: bool = False,

@@ -164,7 +164,7 @@ def make_backend(name: str, manifest: Manifest, device: str = "cpu", threads: in
         return OnnxRuntimeBackend(manifest, device=device, threads=threads)
     if name == "tensorrt":
         if device == "cpu":
-            raise BackendError("the tensorrt backend runs on the GPU: use --device cuda")
+            raise BackendError("the tensorrt backend runs on the GPU: choose device cuda", setting="device")
         from hovle_edge.runtime.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(manifest)
