@@ -59,6 +59,47 @@ def test_export_holds_the_weights_once(tmp_path):
         f"export peaked {(peak - baseline) / MIB:.0f} MiB above its baseline for {weight_bytes / MIB:.0f} MiB of weights")
 
 
+def test_onnxruntime_graph_weights_go_to_the_data_file_as_written(tiny_model, tmp_path):
+    """With a data file, the graph writer keeps no weight in the ModelProto it builds (each one is on disk
+    the moment it is given), and the saved graph holds the same weights as one built in memory."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from hovle_edge.export.ort_graphs import decoder_graph
+
+    in_memory = decoder_graph(tiny_model, "float32", max_context=64)
+    streamed = decoder_graph(tiny_model, "float32", max_context=64, data_path=str(tmp_path / "decoder.onnx.data"))
+    weight_bytes = sum(t.numel() * 4 for t in tiny_model.language_model.parameters()) - \
+        tiny_model.language_model.model.tok_embeddings.weight.numel() * 4  # the LLM's own table is not in the graph
+    assert streamed.ByteSize() < in_memory.ByteSize() - weight_bytes * 0.9
+    assert (tmp_path / "decoder.onnx.data").stat().st_size >= weight_bytes * 0.9
+    onnx.save_model(streamed, str(tmp_path / "decoder.onnx"))
+    saved = onnx.load(str(tmp_path / "decoder.onnx"))  # reads the data file back
+    expected = {t.name: numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    assert expected.keys() == got.keys()
+    for name, array in expected.items():
+        assert array.dtype == got[name].dtype and np.array_equal(array, got[name]), name
+
+
+def test_export_folder_files_follow_the_umask(tiny_checkpoint, tmp_path):
+    """Every file of an export (the .onnx.data files included, once made 0600) is created as open() makes
+    files, under the user's umask; the folder as mkdir makes folders."""
+    import os
+
+    from hovle_edge.export import export_model
+
+    previous = os.umask(0o027)
+    try:
+        export_model(str(tiny_checkpoint), str(tmp_path / "out"), progress=False, target="onnxruntime")
+    finally:
+        os.umask(previous)
+    modes = {f: oct(os.stat(tmp_path / "out" / f).st_mode & 0o777) for f in os.listdir(tmp_path / "out")}
+    assert "decoder.onnx.data" in modes and set(modes.values()) == {"0o640"}, modes
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o750
+
+
 def test_bf16_checkpoint_is_read_as_bf16(tiny_model, tmp_path):
     tiny_model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
     stored = load_model(str(tmp_path / "bf16"), dtype=None)

@@ -44,6 +44,7 @@ def export_model(checkpoint: str, out: str, precision: str = "fp32", opset: int 
     # The weights as stored (a bf16 checkpoint stays bf16), in memory once: each graph's submodule is
     # cast in place to fp32 for its reference outputs, then to the export precision, exported, freed.
     model = load_model(checkpoint, dtype=None, progress=progress)
+    release_weights(model.language_model.model.tok_embeddings)  # the LLM's own table: no graph reads it (0.7 GiB fp32)
     check_context_token(tokenizer, model.config)
     config = model.config
     max_context = max_context or config.llm_config.max_position_embeddings

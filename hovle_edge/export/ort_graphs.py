@@ -17,7 +17,6 @@ rotary takes only the first position of a prompt, which left padding breaks."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,10 +159,14 @@ def merge_image_rows(w: GraphWriter, table: str, input_ids: str, image_embeds: s
     return w.op("Where", w.op("Unsqueeze", is_image, w.const([-1])), rows, words)
 
 
-def embedding_graph(model: HoVLE, dtype: str, max_context: int) -> onnx.ModelProto:
-    emb = model.embedding_model
-    cfg = emb.cfg
-    w = GraphWriter("embedding", dtype)
+def embedding_graph(model: HoVLE, dtype: str, max_context: int, data_path: str | None = None) -> onnx.ModelProto:
+    """The embedding graph; with `data_path`, its weights are written there as they come (GraphWriter)."""
+    with GraphWriter("embedding", dtype, data_path) as w:
+        return _embedding_graph(w, model.embedding_model, max_context)
+
+
+def _embedding_graph(w: GraphWriter, emb, max_context: int) -> onnx.ModelProto:
+    cfg, dtype = emb.cfg, w.dtype
     declare_io(w, spec.embedding_io(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
                                     dtype, spec.IN_PLACE))
     table = w.weight("word_embeddings", numpy_of(emb.llm_text_embeddings.weight))
@@ -175,10 +178,14 @@ def embedding_graph(model: HoVLE, dtype: str, max_context: int) -> onnx.ModelPro
     return w.model(ORT_OPSET)
 
 
-def decoder_graph(model: HoVLE, dtype: str, max_context: int) -> onnx.ModelProto:
-    llm = model.language_model
-    cfg = llm.cfg
-    w = GraphWriter("decoder", dtype)
+def decoder_graph(model: HoVLE, dtype: str, max_context: int, data_path: str | None = None) -> onnx.ModelProto:
+    """The decoder graph; with `data_path`, its weights are written there as they come (GraphWriter)."""
+    with GraphWriter("decoder", dtype, data_path) as w:
+        return _decoder_graph(w, model.language_model, max_context)
+
+
+def _decoder_graph(w: GraphWriter, llm, max_context: int) -> onnx.ModelProto:
+    cfg, dtype = llm.cfg, w.dtype
     declare_io(w, spec.decoder_io(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
                                   cfg.vocab_size, dtype, spec.IN_PLACE))
     shared = attention_inputs(w, "attention_mask", "position_ids", dim(w, "inputs_embeds", 1),
@@ -199,9 +206,10 @@ GRAPH_WRITERS = {"embedding": embedding_graph, "decoder": decoder_graph}
 
 
 def write_ort_graph(name: str, model: HoVLE, dtype: str, max_context: int, path: str) -> int:
-    """Write graph `name` to `path` with its weights in `path`.data; returns the number of weight values."""
-    graph = GRAPH_WRITERS[name](model, dtype, max_context)
-    onnx.save_model(graph, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=os.path.basename(path) + ".data", size_threshold=1024)
+    """Write graph `name` to `path` with its weights in `path`.data, one weight at a time (the graph is
+    never whole in memory); returns the number of weight values."""
+    graph = GRAPH_WRITERS[name](model, dtype, max_context, data_path=path + ".data")
+    onnx.save_model(graph, path)  # its weights are references into path.data already
+    del graph
     onnx.checker.check_model(path)  # by path: external weights are checked in place, never loaded
     return sum(math.prod(t.dims) for t in onnx.load(path, load_external_data=False).graph.initializer)

@@ -4,6 +4,8 @@ It knows nothing of HoVLE; ort_graphs.py says what the graphs compute."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -13,14 +15,19 @@ from hovle_edge.spec import TensorSpec
 MICROSOFT = "com.microsoft"
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
                "int32": TensorProto.INT32}
+EXTERNAL_BYTES = 1024  # smaller weights and constants stay inside the .onnx file
+DATA_ALIGNMENT = 4096  # each external weight starts on a page, so ONNX Runtime can map it in place
 
 
 class GraphWriter:
     """Collects one graph's nodes, initializers and I/O; every float weight is stored in `dtype`.
-    Initializers go straight into the ModelProto that model() returns: building a GraphProto and a
-    ModelProto from lists would copy every weight twice (13.7 GiB for HoVLE 2.6B's fp16 export)."""
 
-    def __init__(self, name: str, dtype: str):
+    With `data_path`, each weight's bytes are appended to that file the moment it is given (the
+    ModelProto keeps only a reference: file, offset, length), so writing a graph holds one weight at a
+    time beside the model it comes from; the 2.6B fp32 decoder held as a ModelProto was 7 GiB on top of
+    PyTorch's 7 GiB. Without it, weights go straight into the ModelProto (a graph kept in memory)."""
+
+    def __init__(self, name: str, dtype: str, data_path: str | None = None):
         self.name = name
         self.dtype = dtype
         self.proto = onnx.ModelProto()
@@ -29,6 +36,18 @@ class GraphWriter:
         self.outputs: list = []
         self._constants: dict = {}
         self._count = 0
+        self.data_path = data_path
+        self._data = open(data_path, "wb") if data_path else None  # plain open(): the umask's mode, as other files
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self._data is not None:
+            self._data.close()
 
     def unique(self, stem: str) -> str:
         self._count += 1
@@ -49,7 +68,21 @@ class GraphWriter:
         return name
 
     def _initializer(self, array: np.ndarray, name: str) -> None:
-        self.proto.graph.initializer.add().CopyFrom(numpy_helper.from_array(array, name))  # the only kept copy
+        tensor = self.proto.graph.initializer.add()
+        if self._data is None or array.nbytes < EXTERNAL_BYTES:
+            tensor.CopyFrom(numpy_helper.from_array(array, name))  # the only kept copy
+            return
+        offset = -self._data.tell() % DATA_ALIGNMENT + self._data.tell()
+        self._data.seek(offset)
+        self._data.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)  # little-endian, as ONNX stores
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", os.path.basename(self.data_path)), ("offset", str(offset)),
+                           ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
 
     def const(self, values, dtype=np.int64) -> str:
         """A small constant (shape, axis, scalar), written once however often it is asked for."""
