@@ -5,6 +5,7 @@ config (bf16 shards, ~5 GB) under the work folder when it is absent; speed and m
 on the weights' values.
 
     python benchmarks/full_size.py --work /tmp/full-size [--target tensorrt] [--steps export-fp32,verify,run]
+        [--verify-precision fp16]
 
 Needs ~5 GB + 5 GB (fp16) + 10 GB (fp32) of disk; `--drop-fp32` deletes the fp32 export at the end."""
 
@@ -122,6 +123,8 @@ def main() -> None:
                         help="in this order; verify and run use the fp32 folder when there is one")
     parser.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                         help="graph target of the exports (the CLI's default: onnxruntime)")
+    parser.add_argument("--verify-precision", choices=["fp32", "fp16"], default=None,
+                        help="the folder verify checks (default: fp32 when there is one; fp16 is the slower on CPU)")
     parser.add_argument("--drop-fp32", action="store_true", help="delete the fp32 export after measuring it")
     args = parser.parse_args()
     checkpoint = os.path.join(args.work, "checkpoint")
@@ -134,6 +137,8 @@ def main() -> None:
     results = []
     for step in args.steps.split(","):
         verified = folder["fp32"] if os.path.isdir(folder["fp32"]) else folder["fp16"]
+        if step == "verify" and args.verify_precision:
+            verified = folder[args.verify_precision]
         name = os.path.basename(verified)
         if step.startswith("export-"):
             precision = step.split("-")[1]

@@ -138,10 +138,16 @@ def export(checkpoint, out, precision, opset, max_context, target, overwrite):
               help="The folder `hovle-edge export` wrote from it.")
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="A real image to check with (default: a drawn one).")
 @click.option("--prompt", default="What is in the image?", show_default=True, help="The question the logits are compared on.")
-@click.option("--new-tokens", type=POSITIVE, default=32, show_default=True,
+@click.option("--new-tokens", type=POSITIVE, default=8, show_default=True,
               help="Greedy steps of PyTorch decoded by the runtime, every step's logits compared.")
 def verify(checkpoint, model_dir, image, prompt, new_tokens):
-    """Compare an exported model folder with its PyTorch checkpoint; exit 1 past the tolerance."""
+    """Compare an exported model folder with its PyTorch checkpoint; exit 1 past the tolerance.
+
+    Checks each graph on random inputs (batch 2 with left padding, then a decode step on the cache it
+    wrote), then end to end through the runtime: the image rows, the prompt's logits, and PyTorch's
+    greedy tokens fed to the runtime one decode step at a time (teacher-forced: both sides do the same
+    work, and every step's logits are compared). fp32 must also choose PyTorch's token at every step.
+    """
     from hovle_edge.export.verify import verify_model
 
     report = verify_model(checkpoint, model_dir, image=image, prompt=prompt, new_tokens=new_tokens)

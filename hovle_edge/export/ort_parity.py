@@ -65,14 +65,17 @@ def run_in_place_case(graph: GraphSpec, session, case: str, inputs: tuple, buffe
     return rows, expected
 
 
-def check_in_place_graph(graph: GraphSpec, path: str, config, precision: str, reference_module=None) -> list:
-    """Prefill (batch 2, left padding) then a decode step on the buffers prefill wrote."""
+def check_in_place_graph(graph: GraphSpec, path: str, config, precision: str, reference_module=None,
+                         session=None) -> list:
+    """Prefill (batch 2, left padding) then a decode step on the buffers prefill wrote; on `session` when
+    one is open on `path` already (verify passes the runtime's own)."""
     import onnxruntime as ort
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if session is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     rows = []
     for case, inputs in parity.cases(graph, config, dtype):
         buffers = {spec.name: ort.OrtValue.ortvalue_from_numpy(x.numpy().copy())

@@ -182,11 +182,15 @@ def graph_index(graph: GraphSpec, name: str) -> int:
     return [s.name for s in graph.inputs].index(name)
 
 
-def check_graph(graph: GraphSpec, path: str, cases: list[Case], progress: bool = False) -> list[ParityRow]:
+def check_graph(graph: GraphSpec, path: str, cases: list[Case], progress: bool = False,
+                session=None) -> list[ParityRow]:
     """One exported graph against its reference cases; rows carry the errors, the caller applies the
-    tolerance. The session is closed before this returns: one graph's weights in memory at a time."""
+    tolerance. A session opened here is closed before this returns (one graph's weights in memory at a
+    time); `session`, one already open on `path` (verify passes the runtime's own), is left open."""
     import onnxruntime as ort
 
+    if session is not None:
+        return [row for case in cases for row in run_case(graph, session, case)]
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

@@ -1,10 +1,15 @@
 """`hovle-edge verify`: an exported folder against the PyTorch checkpoint it came from. Every graph on
-random inputs (prefill, decode, batch 2 with padding) and on real ones (an image through DynProcess,
-a templated prompt), then greedy generation end to end through the torch-free runtime.
+random inputs (prefill, decode, batch 2 with padding), then end to end through the torch-free runtime
+on real inputs (an image through DynProcess, a templated prompt): the image rows, the prompt's logits,
+and a few greedy steps, which the runtime takes teacher-forced on PyTorch's tokens so that both sides
+do the same work and every step's logits are compared (an fp16 graph parting from PyTorch at a near tie
+would otherwise leave the rest unchecked). The prompt is the long part at full size (1,981 tokens with
+the default image), so the steps are few (8 by default): each costs what a token costs, and proves
+what the decode case and the first step already prove, on a cache that grew one row more.
 
 In two phases so that the weights are never in memory twice: PyTorch first computes every expected
-output (graph cases, image rows, the prompt's logits, its greedy tokens) and is freed; then ONNX
-Runtime opens the graphs, one at a time for the cases, all together for the end-to-end run."""
+output (graph cases, image rows, the prompt's and each step's logits, its greedy tokens) and is freed;
+then the runtime opens the graphs once, and its sessions run the cases and the end-to-end check."""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from hovle_edge.errors import ModelFolderError
 from hovle_edge.export.graphs import graph_specs
 from hovle_edge.export.ort_parity import check_in_place_graph, in_place_spec
 from hovle_edge.export.parity import TOLERANCE, ParityRow, RecordedOutputs, check_graph, compare, reference_cases
-from hovle_edge.model.hovle import HoVLECache
+from hovle_edge.model.generate import generate
 from hovle_edge.model.weights import load_model, release_weights
 from hovle_edge.runtime import Pipeline
 from hovle_edge.spec import load_manifest
@@ -52,10 +57,9 @@ class VerifyReport:
         for r in self.rows:
             lines.append(f"{r.graph:<10} {r.case:<10} {r.output:<24} {r.max_abs:>10.3g} {r.max_rel:>10.3g}  "
                          f"{'no' if r.exceeds(self.precision) else 'yes'}")
-        agree = next((i for i, (a, b) in enumerate(zip(self.reference_tokens, self.runtime_tokens)) if a != b),
-                     min(len(self.reference_tokens), len(self.runtime_tokens)))
-        lines.append(f"greedy tokens: {len(self.runtime_tokens)} from the runtime, {len(self.reference_tokens)} from "
-                     f"PyTorch, equal for the first {agree}: {'same' if self.tokens_match else 'DIFFERENT'}")
+        same = sum(a == b for a, b in zip(self.reference_tokens, self.runtime_tokens))
+        lines.append(f"greedy tokens: the runtime (fed PyTorch's tokens) chose PyTorch's at {same} of "
+                     f"{len(self.reference_tokens)} steps: {'same' if self.tokens_match else 'DIFFERENT'}")
         lines.append(f"tolerance ({self.precision}): max abs {TOLERANCE[self.precision]:g} x max(1, |largest value|)")
         return "\n".join(lines)
 
@@ -64,8 +68,8 @@ class VerifyReport:
 class Expected:
     """What PyTorch made of the real inputs."""
     image_rows: torch.Tensor  # [tiles * tokens_per_tile, hidden]
-    logits: torch.Tensor  # [vocab], the prompt's last position
-    tokens: list[int]
+    logits: list[torch.Tensor]  # [vocab] each: the prompt's last position, then each greedy step's
+    tokens: list[int]  # PyTorch's greedy tokens (a stop id last, when one came)
 
 
 def sample_image(size: int = 320) -> Image.Image:
@@ -78,7 +82,10 @@ def sample_image(size: int = 320) -> Image.Image:
 
 
 def verify_model(checkpoint: str, model_dir: str, image=None, prompt: str = "What is in the image?",
-                 new_tokens: int = 32, progress: bool = True) -> VerifyReport:
+                 new_tokens: int = 8, progress: bool = True) -> VerifyReport:
+    """Check `model_dir` against `checkpoint`: each graph's outputs on random inputs, then the image rows,
+    the prompt's logits and `new_tokens` greedy steps of PyTorch, which the runtime decodes teacher-forced
+    (PyTorch's tokens fed back), every step's logits compared."""
     started = time.perf_counter()
 
     def stage(what: str) -> None:
@@ -99,74 +106,91 @@ def verify_model(checkpoint: str, model_dir: str, image=None, prompt: str = "Wha
     inputs = Pipeline(manifest, None, Tokenizer.from_dir(model_dir))
     pixels = inputs.pixel_values(image if image is not None else sample_image(), None)
     ids = inputs.tokenizer.encode(inputs.template.prompt(prompt, tiles=len(pixels)), bos=True)
+    stop_ids = set(manifest.stop_ids)
     stage(f"{len(pixels)} tiles, {len(ids)} prompt tokens; loading the checkpoint in fp32")
 
     model = load_model(checkpoint, dtype=torch.float32, progress=progress)
     release_weights(model.language_model.model.tok_embeddings)  # the LLM's own table: unused at inference
     specs = graph_specs(model, manifest.kv_dtype)
-    stage("PyTorch: graph cases")
+    stage("PyTorch: graph cases (random inputs: prefill with padding, a decode step)")
     cases = {g.name: reference_cases(g, model.config, precision) for g in specs}
-    stage("PyTorch: the image, the prompt and greedy tokens")
-    expected = reference_run(model, ids, pixels, new_tokens, set(manifest.stop_ids), progress)
+    stage(f"PyTorch: the image, the prompt and {new_tokens} greedy tokens")
+    expected = reference_run(model, ids, pixels, new_tokens, stop_ids, progress)
     config = model.config
     release_weights(model)  # the specs keep only names and shapes from here on
     del model
     gc.collect()
 
-    report = VerifyReport(precision)
-    for graph in specs:
-        stage(f"ONNX Runtime: {graph.name} cases")
-        path = manifest.graph_path(graph.name)
-        if manifest.kv_present == spec.IN_PLACE and graph.name != "vision":
-            graph = in_place_spec(graph, config, manifest.kv_dtype)
-            report.rows += check_in_place_graph(graph, path, config, precision,
-                                                RecordedOutputs(graph.name, cases.pop(graph.name)))
-        else:
-            report.rows += check_graph(graph, path, cases.pop(graph.name), progress)
-    stage("ONNX Runtime: the image, the prompt and greedy tokens")
-    with Pipeline.from_dir(model_dir) as pipe:
-        embeds = pipe.image_embeds(pixels)
-        report.rows.append(named(compare("vision", "real", expected.image_rows, embeds), "image_embeds"))
-        cache = pipe.new_cache(min(len(ids) + new_tokens + 1, pipe.backend.max_context))
-        logits = pipe.prefill(cache, ids, embeds)
-        report.rows.append(named(compare("end2end", "real", expected.logits, logits), "logits"))
-        report.runtime_tokens = greedy(lambda token: pipe.decode_step(cache, token), logits, new_tokens,
-                                       set(manifest.stop_ids), progress, "runtime tokens")
-    report.reference_tokens = expected.tokens
+    report = VerifyReport(precision, reference_tokens=expected.tokens)
+    stage("ONNX Runtime: opening the runtime's sessions")
+    with Pipeline.from_dir(model_dir) as pipe:  # the cases run on its sessions too: each graph is opened once
+        for graph in specs:
+            stage(f"ONNX Runtime: {graph.name} cases")
+            path, session = manifest.graph_path(graph.name), pipe.backend.sessions[graph.name]
+            if manifest.kv_present == spec.IN_PLACE and graph.name != "vision":
+                graph = in_place_spec(graph, config, manifest.kv_dtype)
+                report.rows += check_in_place_graph(graph, path, config, precision,
+                                                    RecordedOutputs(graph.name, cases.pop(graph.name)), session)
+            else:
+                report.rows += check_graph(graph, path, cases.pop(graph.name), progress, session)
+        rows, report.runtime_tokens = runtime_run(pipe, ids, pixels, expected, progress, stage)
+    report.rows += rows
     stage("done")
     return report
 
 
+class RecordingModel:
+    """Stands for the model in generate(): calls it, keeps each call's last-position logits (fp32) and
+    hands generate only those, so the prompt's [S, vocab] logits are freed at once."""
+
+    def __init__(self, model, bar):
+        self.model, self.bar, self.logits = model, bar, []
+
+    def __call__(self, input_ids, **kwargs):
+        out = self.model(input_ids, **kwargs)
+        self.logits.append(out.logits[0, -1].float().clone())
+        out.logits = out.logits[:, -1:]
+        self.bar.update()
+        return out
+
+
 @torch.no_grad()
-def reference_run(model, ids: list[int], pixels: np.ndarray, new_tokens: int, stop_ids: set, progress: bool) -> Expected:
-    """Prefill the prompt with both caches, then greedy decode; logits of the last position only."""
-    image_rows = model.embedding_model.image_embeds(torch.from_numpy(pixels)).flatten(0, 1)
-    state = {"cache": None, "length": 0}
-
-    def step(tokens: list[int], rows=None) -> torch.Tensor:
-        cache, length = state["cache"], state["length"]
-        input_ids = torch.tensor([tokens])
-        positions = torch.arange(length, length + len(tokens))[None]
-        mask = torch.ones(1, length + len(tokens), dtype=torch.long)
-        embeds, emb_presents = model.embedding_model(input_ids, rows, positions, mask, None if cache is None else cache.embedding)
-        hidden, llm_presents = model.language_model.hidden_states(embeds, positions, mask, None if cache is None else cache.llm)
-        state["cache"], state["length"] = HoVLECache(emb_presents, llm_presents), length + len(tokens)
-        return model.language_model.output(hidden[0, -1]).float()
-
-    logits = step(ids, image_rows)
-    tokens = greedy(lambda token: step([token]), logits, new_tokens, stop_ids, progress, "PyTorch tokens")
-    return Expected(image_rows, logits, tokens)
+def reference_run(model, ids: list[int], pixels: np.ndarray, new_tokens: int, stop_ids: set,
+                  progress: bool) -> Expected:
+    """PyTorch's greedy generation (model/generate.py) of the prompt with the image; keeps the image rows,
+    the logits of the prompt and of each step, and the tokens."""
+    rows = []
+    hook = model.embedding_model.pixel_shuffle_proj.register_forward_hook(lambda module, args, out: rows.append(out))
+    try:
+        with tqdm(total=new_tokens, desc="PyTorch: the prompt, then each step", unit="call", leave=False,
+                  disable=not progress) as bar:
+            recorder = RecordingModel(model, bar)
+            tokens = generate(recorder, torch.tensor([ids]), torch.from_numpy(pixels), max_new_tokens=new_tokens,
+                              stop_ids=stop_ids)
+    finally:
+        hook.remove()
+    return Expected(rows[0].flatten(0, 1), recorder.logits[:len(tokens)], tokens)
 
 
-def greedy(decode_step, logits, new_tokens: int, stop_ids: set, progress: bool, desc: str) -> list[int]:
-    """Argmax tokens from the prompt's `logits`, one decode step each, until a stop id (kept) or `new_tokens`."""
-    tokens = []
-    for _ in tqdm(range(new_tokens), desc=desc, unit="token", leave=False, disable=not progress):
-        tokens.append(int(np.argmax(np.asarray(logits, dtype=np.float32))))
-        if tokens[-1] in stop_ids or len(tokens) == new_tokens:
-            break
-        logits = decode_step(tokens[-1])
-    return tokens
+def runtime_run(pipe: Pipeline, ids: list[int], pixels: np.ndarray, expected: Expected, progress: bool,
+                stage) -> tuple[list[ParityRow], list[int]]:
+    """The same work through the runtime's step API: the image, the prompt, then PyTorch's tokens fed
+    back one decode step at a time (teacher forcing: an fp16 graph that parts from PyTorch at a near tie
+    is still checked on every step). Returns the rows and the runtime's own choice at each step."""
+    stage(f"ONNX Runtime: the image ({len(pixels)} tiles) and the prompt ({len(ids)} tokens)")
+    embeds = pipe.image_embeds(pixels)
+    rows = [named(compare("vision", "real", expected.image_rows, embeds), "image_embeds")]
+    cache = pipe.new_cache(min(len(ids) + len(expected.tokens), pipe.backend.max_context))
+    logits = pipe.prefill(cache, ids, embeds)
+    stage(f"ONNX Runtime: PyTorch's {len(expected.tokens)} tokens, one decode step each")
+    chosen = []
+    for step, (want, token) in enumerate(tqdm(list(zip(expected.logits, expected.tokens)), desc="runtime steps",
+                                              unit="token", leave=False, disable=not progress)):
+        rows.append(named(compare("end2end", "real", want, logits), "logits" if step == 0 else f"logits step {step}"))
+        chosen.append(int(np.argmax(logits)))
+        if step + 1 < len(expected.tokens):
+            logits = pipe.decode_step(cache, token)
+    return rows, chosen
 
 
 def named(row: ParityRow, output: str) -> ParityRow:
