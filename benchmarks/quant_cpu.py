@@ -7,7 +7,8 @@ nearest, group 128) at several contexts, and each folder's bytes.
 
 The float export is of --target's graphs (onnxruntime: GroupQueryAttention and fused norms, the
 flavour a CPU user runs; tensorrt: the portable ones); quantized folders are MatMulNBits either way.
-"acc4" is MatMulNBits accuracy_level 4 (activations rounded to int8 inside the GEMM). All folders stay
+"acc4" is MatMulNBits accuracy_level 4 (activations rounded to int8 inside the GEMM); "head": the output
+head quantized too (`--quantize-head`), the word table stays float. All folders stay
 open and each context measures them in turn, `--rounds` times (median of the rounds), so that a
 machine whose load drifts penalizes none of them alone. Beside them, in the same turns, "genai int4":
 onnxruntime-genai's own int4 build (`-p int4 -e cpu`) of a Llama with the same widths, heads, MLP,
@@ -39,6 +40,9 @@ VARIANTS = {
     "int8 acc4": QuantizeSettings(bits=8, group_size=128, held_out_prompts=0, accuracy_level=4),
     "int4": QuantizeSettings(bits=4, group_size=128, held_out_prompts=0),
     "int4 acc4": QuantizeSettings(bits=4, group_size=128, held_out_prompts=0, accuracy_level=4),
+    # The output head too, as onnxruntime-genai's int4 build does (at w1024 the fp32 head is 128 MiB a token).
+    "int4 acc4 head": QuantizeSettings(bits=4, group_size=128, held_out_prompts=0, accuracy_level=4,
+                                       quantize_head=True),
 }
 
 
@@ -120,10 +124,12 @@ def main():
     print(f"model {args.size}: width {width}, {layers} + {layers} layers, {args.target} graphs; ONNX Runtime CPU, "
           f"{args.threads or 'default'} threads; median decode step as tokens/s; group 128, round to nearest")
     names = list(folders)
-    print(f"{'context':>8}" + "".join(f"{n:>11}" for n in names) + "".join(f"{n + ' x':>13}" for n in names[1:]))
+    width = {n: max(11, len(n) + 3) for n in names}
+    print(f"{'context':>8}" + "".join(f"{n:>{width[n]}}" for n in names)
+          + "".join(f"{n + ' x':>{width[n] + 2}}" for n in names[1:]))
     for c in contexts:
-        cells = "".join(f"{speed[n][c]:>11.1f}" for n in names)
-        ratios = "".join(f"{speed[n][c] / speed['fp32'][c]:>12.2f}x" for n in names[1:])
+        cells = "".join(f"{speed[n][c]:>{width[n]}.1f}" for n in names)
+        ratios = "".join(f"{speed[n][c] / speed['fp32'][c]:>{width[n] + 1}.2f}x" for n in names[1:])
         print(f"{c:>8}{cells}{ratios}")
     sizes = {"fp32": folder_bytes(float_dir), "fp16": folder_bytes(half_dir),
              **{n: folder_bytes(folders[n]) for n in names[1:] if n in pipes}}
