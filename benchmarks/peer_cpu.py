@@ -7,7 +7,8 @@ for both graph targets, against onnxruntime-genai (its model builder, fp32 and i
 
 Each measurement runs in its own process (so that peak RSS is that engine's alone), engines
 interleaved, repeated; the table shows medians. TTFT is the prompt's prefill to the first token;
-ms/token the median decode step (greedy). Needs `pip install 'hovle-edge[bench]'`.
+ms/token the median decode step (greedy). Each engine runs its own loop: hovle-edge Pipeline.generate_ids,
+genai its Generator, PyTorch transformers' generate. Needs `pip install 'hovle-edge[bench]'`.
 
 Targets (issue 18): ms/token at or below genai fp32 at every context, TTFT at or below, step growth
 128 -> 2048 below 1.4x, at least 1.5x PyTorch cached, peak RSS after a 2048 prefill within 1.2x genai's."""
