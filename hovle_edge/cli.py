@@ -351,9 +351,11 @@ def shapes():
 @click.option("--steps", type=int, default=None, help="Training steps  [default: the demo's]")
 def shapes_teacher(out, steps):
     """Train the tiny vision encoder that plays InternViT, on scene attributes."""
-    from hovle_edge.shapes.teacher import TEACHER_STEPS, pretrain_teacher
+    from dataclasses import replace
 
-    accuracy = pretrain_teacher(out, steps=TEACHER_STEPS if steps is None else steps)
+    from hovle_edge.shapes.teacher import TEACHER_DEFAULTS, pretrain_teacher
+
+    accuracy = pretrain_teacher(out, TEACHER_DEFAULTS if steps is None else replace(TEACHER_DEFAULTS, steps=steps))
     click.echo("accuracy on the things of fresh scenes: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy.items()))
 
 
@@ -388,12 +390,14 @@ def shapes_data(out, kind, count, seed):
 @click.option("--out", default="hovle-demo", show_default=True, type=click.Path(file_okay=False),
               help="Work folder; a second run reuses what is there.")
 @click.option("--quick", is_flag=True, help="A shortened run (a minute) that checks the path, not the accuracy.")
-def demo(out, quick):
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Draws the training data and starts every model; the questions scored stay the same.")
+def demo(out, quick, seed):
     """Train the shapes model (teacher, LM, three stages), export it to ONNX and answer questions on
     fresh scenes through the torch-free runtime; prints accuracy and latency, writes report.json."""
     from hovle_edge.shapes.demo import DemoPlan, run_demo
 
-    report = run_demo(out, DemoPlan.quick() if quick else DemoPlan.for_this_machine())
+    report = run_demo(out, DemoPlan.quick(seed) if quick else DemoPlan.for_this_machine(seed))
     click.echo(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
     click.echo(f"accuracy {report['accuracy']:.1f}% on {report['questions']} questions; report in "
                f"{os.path.join(out, 'report.json')}")

@@ -82,7 +82,7 @@ def test_build_and_train_outputs_are_checked_the_same_way(tmp_path):
         with pytest.raises(OutputFolderError, match=said):
             run_stage("align", str(sandbox / "my_ckpt"), str(out), data=str(tmp_path / "x.jsonl"), progress=False)
     with pytest.raises(OutputFolderError, match="did not write"):
-        pretrain_teacher(str(sandbox), steps=1, progress=False)
+        pretrain_teacher(str(sandbox), TrainSettings(steps=1), progress=False)
     with pytest.raises(OutputFolderError, match="demo folder"):
         run_demo(str(sandbox), progress=False)
     assert sorted(os.listdir(sandbox)) == ["my_ckpt", "notes.txt"] and os.listdir(sandbox / "my_ckpt") == ["config.json"]

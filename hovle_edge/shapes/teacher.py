@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from hovle_edge.errors import ConfigError
-from hovle_edge.files import atomic_directory, check_replaceable, folder_with
 from hovle_edge.preprocess import normalize
 from hovle_edge.shapes import world
+from hovle_edge.train.loop import Task, TrainSettings, train
 
 ARCHITECTURE = "ShapesTeacher"
-MADE_HERE = folder_with("config.json", architectures=[ARCHITECTURE])  # what --out may replace
 
 
 def fit(pixel_values, size: int):
@@ -31,9 +30,9 @@ def fit(pixel_values, size: int):
 
 class ShapesTeacher(nn.Module):
     """A small convolutional encoder: stride-2 3x3 stages down to a grid x grid feature map (one
-    feature per patch, each seeing about a quadrant), and per-quadrant attribute heads. A ViT of the
-    same cost trained on the same budget never learned to tell shapes apart (30% on occupied
-    quadrants against 98% for this one), and a teacher cannot pass on what it does not know."""
+    feature per patch, each seeing about a quadrant), and per-quadrant attribute heads. Convolutions
+    because a ViT of the same cost and budget never learned to tell shapes apart, and a teacher cannot
+    pass on what it does not know."""
 
     def __init__(self, image_size: int = 128, grid: int = 8, width: int = 128, channels: tuple = (32, 64, 128)):
         super().__init__()
@@ -105,35 +104,48 @@ def teacher_loss(teacher: ShapesTeacher, pixels, targets):
     return loss
 
 
-TEACHER_STEPS = 400  # 40-50 s on 2 CPU cores; shape, colour and size at 97% or more on the things
+TEACHER_DEFAULTS = TrainSettings(steps=200, batch_size=32, lr=2e-3, warmup=20)  # shape, colour, size at 97% or more
 
 
-def pretrain_teacher(out: str, steps: int = TEACHER_STEPS, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                     progress: bool = True) -> dict[str, float]:
-    """Train the shapes teacher on scene attributes; returns each attribute's accuracy on the things
-    of fresh scenes."""
-    from tqdm import tqdm
+class TeacherModule(nn.Module):
+    def __init__(self, teacher: ShapesTeacher):
+        super().__init__()
+        self.model = teacher
 
-    check_replaceable(out, True, MADE_HERE, what="teacher folder")
-    torch.manual_seed(seed)
-    teacher = ShapesTeacher()
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr)
-    bar = tqdm(range(steps), desc="teacher", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
-        pixels, targets = scene_batch(seed * 1_000_000 + step, batch_size, teacher.config["image_size"])
-        loss = teacher_loss(teacher, pixels, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    accuracy = attribute_accuracy(teacher, seed=random.Random(seed).randrange(10**6) + 7_000_000)
-    with atomic_directory(out, overwrite=True, owned_by=MADE_HERE, what="teacher folder") as tmp:
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump({**teacher.config, "accuracy_on_things": accuracy}, f, indent=2)
-    return accuracy
+    def forward(self, batch):
+        return teacher_loss(self.model, batch["pixel_values"], batch["targets"]), torch.tensor(batch["targets"].numel())
+
+
+class PretrainTeacher(Task):
+    """The teacher as a Task of the one training loop: batches of freshly drawn scenes, a pure
+    function of (seed, step), so a resumed run draws what it would have drawn."""
+
+    def __init__(self, seed: int):
+        self.model = ShapesTeacher()
+        self.module = TeacherModule(self.model)
+        self.seed = seed
+        self.accuracy: dict[str, float] = {}
+
+    def batch(self, step, micro, rank, world, batch_size):
+        draw = ((self.seed * 1_000_000 + step) * 64 + micro) * world + rank
+        pixels, targets = scene_batch(draw, batch_size, self.model.config["image_size"])
+        return {"pixel_values": pixels, "targets": targets}
+
+    def save(self, directory: str, weights: dict) -> None:
+        self.accuracy = attribute_accuracy(self.model.eval(), seed=random.Random(self.seed).randrange(10**6) + 7_000_000)
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, "model.safetensors"))
+        with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+            json.dump({**self.model.config, "accuracy_on_things": self.accuracy}, f, indent=2)
+
+
+def pretrain_teacher(out: str, settings: TrainSettings | None = None, progress: bool = True) -> dict[str, float]:
+    """Train the shapes teacher on scene attributes through the shared loop; returns each attribute's
+    accuracy on the things of fresh scenes."""
+    settings = settings or TEACHER_DEFAULTS
+    torch.manual_seed(settings.seed)
+    task = PretrainTeacher(settings.seed)
+    train(task, settings, out, desc="teacher", progress=progress)
+    return task.accuracy
 
 
 @torch.no_grad()

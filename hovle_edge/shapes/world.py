@@ -145,11 +145,9 @@ def write_dataset(directory: str, kind: str, count: int, seed: int) -> str:
     """Write `count` scenes of `kind` as JSONL with PNG images beside it, in the formats the trainers
     read; returns the JSONL path. "caption": one record per scene. "chat": the scene's questions in
     shuffled order, two to a conversation (the image in its first turn), and every tenth scene's place
-    taken by text-only questions that keep the language model's answers. Two because the product is
-    asked both ways: with every question of a scene in one conversation, five in six were trained after
-    other turns, and the first question after an image was the weak one (87.5% on fresh scenes); one
-    question per record answered 97-98% first but 46.5% of follow-ups in a chat; two per record
-    answered 95.0% first and 93.5% of follow-ups, in the same time."""
+    taken by text-only questions that keep the language model's answers. Two because the model is
+    asked both ways, a first question right after the image and a follow-up after an answer, and each
+    is trained as often (docs/experiments.md has what one and all-in-one records gave)."""
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)
     path = os.path.join(directory, f"{kind}.jsonl")
     with open(path + ".tmp", "w", encoding="utf-8") as f:

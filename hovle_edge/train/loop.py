@@ -120,9 +120,8 @@ def training_device() -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device does bf16 arithmetic itself: a GPU, or a CPU with AVX512-BF16 or AMX (where
-    a stage-3 step of the shapes model ran 2.4x faster than in fp32). Elsewhere bf16 is emulated,
-    slower than fp32."""
+    """Whether the device does bf16 arithmetic itself: a GPU, or a CPU with AVX512-BF16 or AMX.
+    Elsewhere bf16 is emulated, slower than fp32, so "auto" keeps fp32 there."""
     return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
