@@ -51,10 +51,10 @@ def test_top_level_help_names_every_command():
 
 
 def test_a_library_error_names_the_option_not_the_field(tiny_export, tmp_path):
-    """The library says `setting="max_tiles"`; the user reads --max-tiles, never max_tiles."""
-    result = CliRunner().invoke(main, ["build", "--model", str(tiny_export), "--out", str(tmp_path / "engines"),
-                                       "--max-tiles", "99", "--compute-capability", "8.9"])
+    """The library says `setting="group_size"`; the user reads --group-size, never group_size."""
+    result = CliRunner().invoke(main, ["quantize", "--model", str(tiny_export), "--out", str(tmp_path / "int4"),
+                                       "--group-size", "24", "--held-out", "0"])
     assert result.exit_code == 2, result.output
     last = result.output.strip().splitlines()[-1]
-    assert last.startswith("error: Invalid value for '--max-tiles': 99 tiles are more than"), result.output
-    assert not (tmp_path / "engines").exists()
+    assert last.startswith("error: Invalid value for '--group-size': group size 24: choose a power of two"), result.output
+    assert not (tmp_path / "int4").exists()

@@ -144,19 +144,20 @@ def gpu_reason():
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(gpu_reason() is not None, reason=str(gpu_reason()))
-def test_engines_give_the_tokens_of_onnxruntime(tiny_export, tmp_path):
+def test_engines_give_the_tokens_of_onnxruntime(tiny_portable_export, tmp_path):
     from hovle_edge.engines.builder import build_engines
     from hovle_edge.runtime import Pipeline
 
-    record = build_engines(str(tiny_export), str(tmp_path / "engines"), precision="fp32", max_context=512,
+    record = build_engines(str(tiny_portable_export), str(tmp_path / "engines"), precision="fp32", max_context=512,
                            cache_dir=str(tmp_path / "cache"), timing_cache=str(tmp_path / "timing.cache"), log=lambda _: None)
     assert set(record["engines"]) == {"vision", "embedding", "decoder"}
-    again = build_engines(str(tiny_export), str(tmp_path / "engines2"), precision="fp32", max_context=512,
+    again = build_engines(str(tiny_portable_export), str(tmp_path / "engines2"), precision="fp32", max_context=512,
                           cache_dir=str(tmp_path / "cache"), log=lambda _: None)
     assert [e["cache_key"] for e in again["engines"].values()] == [e["cache_key"] for e in record["engines"].values()]
     question = "what colour is the square?"
-    with Pipeline.from_dir(str(tiny_export)) as cpu, Pipeline.from_dir(str(tmp_path / "engines"), backend="tensorrt",
+    with Pipeline.from_dir(str(tiny_portable_export)) as cpu, Pipeline.from_dir(str(tmp_path / "engines"), backend="tensorrt",
                                                                        device="cuda") as gpu:
         from PIL import Image
 
@@ -165,7 +166,8 @@ def test_engines_give_the_tokens_of_onnxruntime(tiny_export, tmp_path):
                                                                                       max_new_tokens=16)
 
 
-def test_builder_and_backend_on_an_emulated_gpu(tiny_export, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_builder_and_backend_on_an_emulated_gpu(tiny_portable_export, tmp_path, monkeypatch):
     """The builder and the TensorRT backend end to end against stand-ins for tensorrt_rtx and cuda-python
     (tests/emulated_gpu.py: ONNX Runtime behind TensorRT's calls, host memory behind cudaMalloc). Shows
     the profiles each step selects, the engine cache, the KV buffers swapping without allocations or
@@ -181,15 +183,15 @@ def test_builder_and_backend_on_an_emulated_gpu(tiny_export, tmp_path, monkeypat
     # The first prompts take 205 tokens: a next turn ends past the longest prompt, in the extend profile.
     options = dict(precision="fp32", max_context=256, max_prompt=220, cache_dir=str(tmp_path / "cache"),
                    log=said.append)
-    record = build_engines(str(tiny_export), str(tmp_path / "engines"), **options)
+    record = build_engines(str(tiny_portable_export), str(tmp_path / "engines"), **options)
     assert (record["flavour"], record["gpu"], record["compute_capabilities"]) == ("tensorrt-rtx", "Emulated GPU", ["8.9"])
     assert [p["name"] for p in record["engines"]["decoder"]["profiles"]] == ["decode", "prefill", "extend"]
     said.clear()
-    build_engines(str(tiny_export), str(tmp_path / "again"), **options)
+    build_engines(str(tiny_portable_export), str(tmp_path / "again"), **options)
     assert said == [f"{g}: unchanged, taken from the engine cache" for g in ("vision", "embedding", "decoder")]
 
     image = Image.new("RGB", (150, 70), "red")
-    with Pipeline.from_dir(str(tiny_export)) as cpu, Pipeline.from_dir(str(tmp_path / "engines"), backend="tensorrt",
+    with Pipeline.from_dir(str(tiny_portable_export)) as cpu, Pipeline.from_dir(str(tmp_path / "engines"), backend="tensorrt",
                                                                        device="cuda") as gpu:
         chat = gpu.conversation()  # its KV buffers are allocated here, at its capacity
         allocated = memory.allocations
@@ -211,7 +213,8 @@ def test_builder_and_backend_on_an_emulated_gpu(tiny_export, tmp_path, monkeypat
     assert profiles == {0, 1, 2}  # decode steps, prefill, and the second turn's extend
 
 
-def test_runtime_cache_keeps_jit_kernels_for_the_next_start(tiny_export, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_runtime_cache_keeps_jit_kernels_for_the_next_start(tiny_portable_export, tmp_path, monkeypatch):
     """TensorRT for RTX compiles kernels on the GPU the first time a context runs them; the backend
     saves them on close (runtime.cache beside the engines) and the next start compiles nothing it
     already has. Emulated: a kernel is a (graph, profile) pair."""
@@ -224,7 +227,7 @@ def test_runtime_cache_keeps_jit_kernels_for_the_next_start(tiny_export, tmp_pat
     install(monkeypatch)
     compiled = sys.modules["tensorrt_rtx"].compiled
     engines = tmp_path / "engines"
-    build_engines(str(tiny_export), str(engines), precision="fp32", max_context=256, max_prompt=220,
+    build_engines(str(tiny_portable_export), str(engines), precision="fp32", max_context=256, max_prompt=220,
                   cache_dir=str(tmp_path / "cache"), log=lambda _: None)
     with Pipeline.from_dir(str(engines), backend="tensorrt", device="cuda") as gpu:
         assert not gpu.backend.runtime_cache.loaded

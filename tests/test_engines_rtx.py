@@ -31,24 +31,25 @@ def tiny_export_fp16(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def builds(tiny_export, tiny_export_fp16, tmp_path_factory):
+def builds(tiny_portable_export, tiny_export_fp16, tmp_path_factory):
     """Both precisions built once, sharing an engine cache (and asked to keep a timing cache)."""
     work = tmp_path_factory.mktemp("rtx")
     said, records = [], {}
-    for precision, folder in (("fp32", tiny_export), ("fp16", tiny_export_fp16)):
+    for precision, folder in (("fp32", tiny_portable_export), ("fp16", tiny_export_fp16)):
         records[precision] = build_engines(str(folder), str(work / precision), precision=precision,
                                            compute_capabilities=TARGETS, cache_dir=str(work / "cache"),
                                            timing_cache=str(work / "timing.cache"), log=said.append, **LIMITS)
     return work, records, said
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_every_graph_and_profile_builds_without_a_gpu(builds, tiny_export, precision):
+def test_every_graph_and_profile_builds_without_a_gpu(builds, tiny_portable_export, precision):
     work, records, _ = builds
     record = records[precision]
     assert record["compute_capabilities"] == TARGETS
     assert record["gpu"] == (gpu_here() or (None,))[0]  # None on a machine without a GPU
-    manifest = load_manifest(str(tiny_export))
+    manifest = load_manifest(str(tiny_portable_export))
     limits = limits_for(manifest, **LIMITS)
     for graph in ("vision", "embedding", "decoder"):
         entry = record["engines"][graph]
@@ -58,16 +59,18 @@ def test_every_graph_and_profile_builds_without_a_gpu(builds, tiny_export, preci
         assert not entry["from_cache"]
 
 
-def test_a_second_build_is_an_engine_cache_hit(builds, tiny_export, tmp_path):
+@pytest.mark.slow
+def test_a_second_build_is_an_engine_cache_hit(builds, tiny_portable_export, tmp_path):
     work, records, _ = builds
     said = []
-    again = build_engines(str(tiny_export), str(tmp_path / "again"), precision="fp32", compute_capabilities=TARGETS,
+    again = build_engines(str(tiny_portable_export), str(tmp_path / "again"), precision="fp32", compute_capabilities=TARGETS,
                           cache_dir=str(work / "cache"), log=said.append, **LIMITS)
     assert said == [f"{g}: unchanged, taken from the engine cache" for g in ("vision", "embedding", "decoder")]
     for graph, entry in again["engines"].items():
         assert entry["from_cache"] and entry["sha256"] == records["fp32"]["engines"][graph]["sha256"]
 
 
+@pytest.mark.slow
 def test_tensorrt_rtx_keeps_no_timing_cache(builds):
     """Its timing cache calls are no-ops (it compiles kernels on the GPU that runs them, into the
     runtime cache: tested on the emulated GPU in test_engines.py); the builder says so and leaves the
@@ -103,14 +106,15 @@ def test_targets_without_a_gpu_must_be_named():
     assert set(TARGETS) <= set(supported_capabilities(trt))
 
 
-def test_cli_asks_for_the_flag_without_a_gpu(tiny_export, tmp_path):
+@pytest.mark.slow
+def test_cli_asks_for_the_flag_without_a_gpu(tiny_portable_export, tmp_path):
     from click.testing import CliRunner
 
     from hovle_edge.cli import main
 
     if gpu_here() is not None:
         pytest.skip("a GPU is here: its own compute capability is the default")
-    result = CliRunner().invoke(main, ["build", "--model", str(tiny_export), "--out", str(tmp_path / "engines"),
+    result = CliRunner().invoke(main, ["build", "--model", str(tiny_portable_export), "--out", str(tmp_path / "engines"),
                                        "--flavour", "tensorrt-rtx"])
     assert result.exit_code == 2
     assert "--compute-capability" in result.output and "no GPU here" in result.output

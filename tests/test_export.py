@@ -36,8 +36,9 @@ def test_folder_contents_and_manifest(tiny_export, tiny_checkpoint):
         assert graph["bytes"] == sum(os.path.getsize(tiny_export / f) for f in graph["files"])
 
 
-def test_graph_io_names_and_named_dims(tiny_export):
-    model = onnx.load(str(tiny_export / "embedding.onnx"), load_external_data=False)
+@pytest.mark.slow
+def test_graph_io_names_and_named_dims(tiny_portable_export):
+    model = onnx.load(str(tiny_portable_export / "embedding.onnx"), load_external_data=False)
     inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     outputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.output}
     assert list(inputs)[:4] == ["input_ids", "image_embeds", "position_ids", "attention_mask"]
@@ -45,20 +46,22 @@ def test_graph_io_names_and_named_dims(tiny_export):
     assert inputs["past_key_values.0.key"] == ["batch", 2, "kv_capacity", 16]
     assert outputs["present.1.value"] == ["batch", 2, "sequence", 16]
     assert inputs["attention_mask"] == ["batch", "total_sequence"]
-    decoder = onnx.load(str(tiny_export / "decoder.onnx"), load_external_data=False)
+    decoder = onnx.load(str(tiny_portable_export / "decoder.onnx"), load_external_data=False)
     logits = decoder.graph.output[0]
     assert logits.name == "logits" and logits.type.tensor_type.elem_type == TensorProto.FLOAT
     assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim] == ["batch", 1, 512]
 
 
-def test_no_data_dependent_ops(tiny_export):
+@pytest.mark.slow
+def test_no_data_dependent_ops(tiny_portable_export):
     for name in ("vision", "embedding", "decoder"):
-        model = onnx.load(str(tiny_export / f"{name}.onnx"), load_external_data=False)
+        model = onnx.load(str(tiny_portable_export / f"{name}.onnx"), load_external_data=False)
         ops = {n.op_type for n in model.graph.node}
         assert not ops & {"NonZero", "If", "Loop", "Scan"}
         check_ops(model, 18, name)
 
 
+@pytest.mark.slow
 def test_parity_and_greedy_tokens_end_to_end(tiny_export, tiny_checkpoint):
     report = verify_model(str(tiny_checkpoint), str(tiny_export), new_tokens=32)
     logits_rows = [r for r in report.rows if r.output == "logits"]
@@ -67,6 +70,7 @@ def test_parity_and_greedy_tokens_end_to_end(tiny_export, tiny_checkpoint):
     assert report.ok and len(report.runtime_tokens) == 32 and report.tokens_match
 
 
+@pytest.mark.slow
 def test_fp16_export_runs_and_stays_close(tiny_checkpoint, tmp_path):
     manifest = export_model(str(tiny_checkpoint), str(tmp_path / "fp16"), precision="fp16", progress=False)
     assert manifest.kv_dtype == "float16"
@@ -104,6 +108,7 @@ def test_mismatched_checkpoint_leaves_no_folder(tiny_checkpoint, tmp_path):
     assert os.listdir(tmp_path) == ["broken"]
 
 
+@pytest.mark.slow
 def test_failure_mid_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     import hovle_edge.export as exporter
 
@@ -120,6 +125,7 @@ def test_failure_mid_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatc
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_verify_cli_exit_codes(tiny_export, tiny_checkpoint, tmp_path):
     from click.testing import CliRunner
 

@@ -41,6 +41,7 @@ def wide_vocab_config() -> HoVLEConfig:
         force_image_size=56, max_dynamic_patch=2)
 
 
+@pytest.mark.slow
 def test_export_holds_the_weights_once(tmp_path):
     from hovle_edge.shapes.world import world_tokenizer
 
@@ -83,6 +84,7 @@ def test_onnxruntime_graph_weights_go_to_the_data_file_as_written(tiny_model, tm
         assert array.dtype == got[name].dtype and np.array_equal(array, got[name]), name
 
 
+@pytest.mark.slow
 def test_export_folder_files_follow_the_umask(tiny_checkpoint, tmp_path):
     """Every file of an export (the .onnx.data files included, once made 0600) is created as open() makes
     files, under the user's umask; the folder as mkdir makes folders."""

@@ -83,6 +83,7 @@ def test_profile_report_holds_every_run(pipe, tiny_export, tmp_path):
     assert report.peak_rss_mb > 10
 
 
+@pytest.mark.slow
 def test_profile_cli_json_and_png(tiny_export, tmp_path):
     result = CliRunner().invoke(main, ["profile", "--model", str(tiny_export), "--tiles", "2", "--prompt-tokens", "200",
                                        "--new-tokens", "5", "--runs", "2", "--warmup", "0", "--json",

@@ -45,6 +45,7 @@ def weights(path):
     return read_state_dict(str(path))
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_weights(tiny_checkpoint, stage_data, tmp_path):
     data = str(stage_data / "caption.jsonl")
     interrupted = tmp_path / "interrupted"
@@ -79,6 +80,7 @@ def test_align_keeps_the_llm_bit_identical(tiny_checkpoint, stage_data, tmp_path
     assert config["stage"] == "align" and config["data"].endswith("caption.jsonl")
 
 
+@pytest.mark.slow
 def test_instruct_trains_everything_and_inherits_settings(tiny_checkpoint, stage_data, tmp_path):
     first = tmp_path / "first"
     run_stage("instruct", str(tiny_checkpoint), str(first), data=str(stage_data / "chat.jsonl"),
@@ -107,6 +109,7 @@ def test_loss_only_on_the_assistants_tokens(tiny_checkpoint):
     assert ids[0] == tokenizer.bos_id
 
 
+@pytest.mark.slow
 def test_distill_from_a_language_model_folder(stage_data, tmp_path):
     from hovle_edge.shapes.lm import pretrain_lm
 
@@ -156,6 +159,7 @@ def distill_args(tiny_checkpoint, stage_data, steps: int) -> list[str]:
             "--precision", "fp32"]
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, stage_data, tmp_path):
     args = distill_args(tiny_checkpoint, stage_data, steps=2)
     torchrun(["-m", "hovle_edge.cli", *args, "--batch-size", "2", "--out", str(tmp_path / "ddp")])
@@ -173,6 +177,7 @@ run_stage("distill", init, out, data=images, teacher=teacher, progress=False, st
 """
 
 
+@pytest.mark.slow
 def test_fsdp_sharded_run_resumes_and_matches_one_process(tiny_checkpoint, stage_data, tmp_path):
     """Sharded weights and optimizer state are gathered into whole checkpoints, read back into shards
     after an interruption, and the result equals one process with the whole batch."""
@@ -191,6 +196,7 @@ def test_fsdp_sharded_run_resumes_and_matches_one_process(tiny_checkpoint, stage
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
+@pytest.mark.slow
 def test_teacher_learns_shape_not_only_colour(tmp_path):
     """A teacher blind to shape (the first one was: 30% on the things) caps everything downstream.
     Measured on this run: shape 82%, colour 100%, size 99.6% (the demo's 400 x 32: 97.6 / 99.8 / 100)."""
@@ -302,6 +308,7 @@ def test_captions_follow_reading_order_and_chats_ask_questions_two_at_a_time(tmp
         assert sum(q.startswith("what shape is at") for q in asked) == 2
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
     from hovle_edge.runtime import Pipeline
     from hovle_edge.shapes.demo import DemoPlan, run_demo
