@@ -102,6 +102,19 @@ def test_export_folder_files_follow_the_umask(tiny_checkpoint, tmp_path):
     assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o750
 
 
+def test_saved_checkpoint_files_follow_the_umask(tiny_model, tmp_path):
+    """save_pretrained's shards are readable as the user's other files (safetensors alone makes them 0600)."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        tiny_model.save_pretrained(str(tmp_path / "ckpt"), max_shard_bytes=200_000)  # several shards and an index
+    finally:
+        os.umask(previous)
+    modes = {f: oct(os.stat(tmp_path / "ckpt" / f).st_mode & 0o777) for f in os.listdir(tmp_path / "ckpt")}
+    assert len(modes) > 3 and set(modes.values()) == {"0o644"}, modes
+
+
 def test_bf16_checkpoint_is_read_as_bf16(tiny_model, tmp_path):
     tiny_model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
     stored = load_model(str(tmp_path / "bf16"), dtype=None)

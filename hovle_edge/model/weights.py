@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from hovle_edge.config import HoVLEConfig
 from hovle_edge.errors import CheckpointError, ModelFolderError
-from hovle_edge.files import resolve_inside
+from hovle_edge.files import current_umask, resolve_inside
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -227,6 +227,8 @@ def save_model(model, directory: str, max_shard_bytes: int = OFFICIAL_SHARD_BYTE
         save_state_dict(model.state_dict() if weights is None else weights, tmp, max_shard_bytes)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, os.path.join(tmp, name))
+        for name in os.listdir(tmp):  # safetensors makes its files 0600: give them the umask's mode, as open() does
+            os.chmod(os.path.join(tmp, name), 0o666 & ~current_umask())
         for name in os.listdir(directory):
             if name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(name):
                 os.remove(os.path.join(directory, name))
