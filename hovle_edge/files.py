@@ -64,8 +64,8 @@ def check_replaceable(path: str, overwrite: bool, owned_by: Callable[[str], bool
     if not os.path.lexists(path):
         return
     if not overwrite:
-        raise OutputFolderError(f"{what} {path} exists; choose another folder, or pass --overwrite to replace it "
-                                "(only a folder hovle-edge made is replaced)")
+        raise OutputFolderError(f"{what} {path} exists; choose another folder, or allow overwriting it "
+                                "(only a folder hovle-edge made is replaced)", setting="overwrite")
     refuse_unless_ours(path, owned_by, inputs, what)
 
 

@@ -45,7 +45,7 @@ def test_export_overwrite_never_replaces_the_input_or_a_foreign_folder_and_check
         with pytest.raises(OutputFolderError, match=said) as caught:
             export_model(str(given), str(out), overwrite=True, progress=False)
         assert os.path.realpath(out) in str(caught.value)
-    with pytest.raises(OutputFolderError, match="--overwrite"):
+    with pytest.raises(OutputFolderError, match="allow overwriting it"):
         export_model(str(checkpoint), str(foreign), progress=False)
     assert (sandbox / "notes.txt").read_text() == "mine" and (checkpoint / "config.json").is_file()
     assert (foreign / "sub" / "config.json").is_file() and (ours_around_input / "ckpt").is_dir()

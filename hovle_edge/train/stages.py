@@ -245,12 +245,13 @@ def run_stage(stage: str, init: str, out: str, data: str | None = None, override
     if stage == "distill":
         teacher = teacher or previous.get("teacher")
         if not teacher or not data:
-            raise ConfigError("distill needs --data (an image folder) and --teacher (a vision model folder)")
+            raise ConfigError("distill needs data (an image folder) and a teacher (a vision model folder)",
+                              setting="data" if not data else "teacher")
         task = Distill(init, data, teacher, text=text, embedding=embedding, seed=settings.seed)
     else:
         data = data or previous.get("data")
         if not data:
-            raise ConfigError(f"{stage} needs --data (a JSONL file)")
+            raise ConfigError(f"{stage} needs data (a JSONL file)", setting="data")
         task = Supervised(init, data, freeze_llm=stage == "align", seed=settings.seed)
     metrics = train(task, settings, out, desc=stage, progress=progress, stop_after=stop_after)
     if stage == "distill" and held_out and stop_after is None:
