@@ -1,1 +1,2 @@
-"""The paper's stage trainers and the shapes world they run on (needs torch)."""
+"""The paper's stage trainers: the training loop, the three stages and their data (needs torch). The
+shapes world they are shown on lives in hovle_edge.shapes."""
