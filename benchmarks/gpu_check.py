@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import prepared  # noqa: E402
+from models import prepared, random_export  # noqa: E402
 
 from hovle_edge.engines.builder import build_engines  # noqa: E402
 from hovle_edge.runtime import Pipeline  # noqa: E402
@@ -35,26 +35,10 @@ MODELS = ("tiny", "w1024")
 def tiny_prepared(work: str) -> tuple[str, str]:
     """(checkpoint, fp16 export) of the tiny preset with random weights spread wide enough (std 0.3)
     that greedy tokens are decided by clear margins, so fp16 on two engines picks the same ones."""
-    import torch
-
     from hovle_edge.config import preset
-    from hovle_edge.export import export_model
-    from hovle_edge.model import HoVLE
-    from hovle_edge.shapes.world import world_tokenizer
 
-    checkpoint, model_dir = os.path.join(work, "tiny-checkpoint"), os.path.join(work, "tiny-fp16")
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        torch.manual_seed(0)
-        model = HoVLE(preset("tiny"))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.3)
-        model.save_pretrained(checkpoint)
-        world_tokenizer().save(checkpoint)
-    if not os.path.isfile(os.path.join(model_dir, "manifest.json")):
-        export_model(checkpoint, model_dir, precision="fp16", max_context=2048, target="tensorrt", overwrite=True,
-                     progress=False)
-    return checkpoint, model_dir
+    return random_export(preset("tiny"), os.path.join(work, "tiny-checkpoint"), os.path.join(work, "tiny-fp16"),
+                         std=0.3, precision="fp16", target="tensorrt", max_context=2048)
 
 
 def prompt_ids(vocab: int, image_token: int, length: int) -> list[int]:

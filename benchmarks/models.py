@@ -31,25 +31,33 @@ def benchmark_config(name: str) -> HoVLEConfig:
 
 def prepared(name: str, work: str, precision: str = "fp32", target: str = "onnxruntime") -> tuple[str, str]:
     """(checkpoint folder, exported model folder) for size `name` and graph `target`, built once under `work`."""
+    checkpoint = os.path.join(work, f"{name}-checkpoint")
+    model_dir = os.path.join(work, f"{name}-{target}-{precision}")
+    return random_export(benchmark_config(name), checkpoint, model_dir, std=0.02, precision=precision,
+                         target=target, max_context=4096)
+
+
+def random_export(config, checkpoint: str, model_dir: str, std: float, precision: str, target: str,
+                  max_context: int) -> tuple[str, str]:
+    """(checkpoint, model_dir): a checkpoint of `config` with random weights of deviation `std` and its
+    export, each made only when its folder is not there yet."""
     import torch
 
     from hovle_edge.export import export_model
     from hovle_edge.model import HoVLE
     from hovle_edge.shapes.world import world_tokenizer
 
-    checkpoint = os.path.join(work, f"{name}-checkpoint")
-    model_dir = os.path.join(work, f"{name}-{target}-{precision}")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         torch.manual_seed(0)
-        model = HoVLE(benchmark_config(name))
+        model = HoVLE(config)
         with torch.no_grad():
             for p in model.parameters():
-                p.normal_(0, 0.02)
+                p.normal_(0, std)
         model.save_pretrained(checkpoint)
         world_tokenizer().save(checkpoint)
     if not os.path.isfile(os.path.join(model_dir, "manifest.json")):
-        export_model(checkpoint, model_dir, precision=precision, max_context=4096, target=target, overwrite=True,
-                     progress=False)
+        export_model(checkpoint, model_dir, precision=precision, max_context=max_context, target=target,
+                     overwrite=True, progress=False)
     return checkpoint, model_dir
 
 
