@@ -200,7 +200,8 @@ def test_fsdp_sharded_run_resumes_and_matches_one_process(tiny_checkpoint, stage
 def test_teacher_learns_shape_not_only_colour(tmp_path):
     """A teacher blind to shape (the first one was: 30% on the things) caps everything downstream.
     The demo's 200 steps of 32 through the shared loop reached 100% on all three attributes."""
-    from hovle_edge.shapes.teacher import load_teacher, pretrain_teacher
+    from hovle_edge.shapes.teacher import pretrain_teacher
+    from hovle_edge.train.teacher import load_teacher
 
     accuracy = pretrain_teacher(str(tmp_path / "teacher"), TrainSettings(steps=250, batch_size=16, lr=2e-3, warmup=20), progress=False)
     assert accuracy["shape"] >= 0.75 and accuracy["colour"] >= 0.97 and accuracy["size"] >= 0.97

@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.nn as nn
 
-from hovle_edge.config import LLMConfig
+from hovle_edge.config import LLMConfig, config_from_dict
+from hovle_edge.errors import ConfigError
+from hovle_edge.files import read_json
 from hovle_edge.model.layers import KV, DecoderLayer, RMSNorm, run_layers
+
+ARCHITECTURE = "InternLM2ForCausalLM"
 
 
 class InternLM2Model(nn.Module):
@@ -33,3 +40,18 @@ class InternLM2ForCausalLM(nn.Module):
         """-> (logits [B, S, V], presents)."""
         hidden, presents = self.hidden_states(inputs_embeds, position_ids, attention_mask, past)
         return self.output(hidden), presents
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "InternLM2ForCausalLM":
+        """An InternLM2 folder (config.json with the llm keys, `model.*` / `output.weight` safetensors),
+        in eval mode; the weights are assigned, not copied into fresh parameters."""
+        from hovle_edge.model.weights import check_state_dict, read_state_dict
+
+        path = os.path.join(directory, "config.json")
+        config = config_from_dict(LLMConfig, read_json(path, ConfigError), path)
+        with torch.device("meta"):
+            model = cls(config)
+        state = read_state_dict(directory)
+        check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, directory)
+        model.load_state_dict(state, assign=True)
+        return model.eval()

@@ -129,7 +129,8 @@ def evaluate(paths: dict, count: int) -> dict:
     from hovle_edge.tokenizer import ChatTemplate, Tokenizer
     from hovle_edge.shapes.evaluate import (caption_exact, follow_up_questions, percent, runtime_answer,
                                            runtime_follow_up, scene_questions, text_questions, torch_answer)
-    from hovle_edge.shapes.lm import LM_TEMPLATE, lm_answer, load_lm
+    from hovle_edge.model.llm import InternLM2ForCausalLM
+    from hovle_edge.shapes.lm import LM_TEMPLATE, lm_answer
 
     model = HoVLE.from_pretrained(paths["stage3-instruct"])
     tokenizer = Tokenizer.from_dir(paths["stage3-instruct"])
@@ -146,7 +147,7 @@ def evaluate(paths: dict, count: int) -> dict:
         final_text = [runtime_answer(pipe, q) for q, _ in texts]
         follow_ups = follow_up_questions(max(1, count // 2))
         follow_up_answers = [runtime_follow_up(pipe, first, second, image) for image, first, second, _ in follow_ups]
-    lm = load_lm(paths["lm"])
+    lm = InternLM2ForCausalLM.from_pretrained(paths["lm"])
     lm_text = [lm_answer(lm, tokenizer, LM_TEMPLATE, q) for q, _ in texts]
     by_kind = {}
     for (_, question, answer), got in zip(items, runtime_answers):

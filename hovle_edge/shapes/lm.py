@@ -9,20 +9,17 @@ import os
 import random
 
 import torch
-import torch.nn.functional as F
 
-from hovle_edge.config import LLMConfig, config_from_dict, config_to_dict
-from hovle_edge.errors import ConfigError
-from hovle_edge.files import read_json
+from hovle_edge.config import LLMConfig, config_to_dict
 from hovle_edge.model.llm import InternLM2ForCausalLM
-from hovle_edge.model.weights import check_state_dict, read_state_dict, save_state_dict
+from hovle_edge.model.weights import save_state_dict
 from hovle_edge.tokenizer import ChatTemplate, Tokenizer
 from hovle_edge.shapes import world
 from hovle_edge.shapes.evaluate import generated_text
-from hovle_edge.train.data import IGNORE, collate, encode_caption, encode_chat
+from hovle_edge.train.data import collate, encode_caption, encode_chat
+from hovle_edge.train.losses import next_token_loss
 from hovle_edge.train.loop import Task, TrainSettings, train
 
-ARCHITECTURE = "InternLM2ForCausalLM"
 LM_TEMPLATE = ChatTemplate(tokens_per_tile=0, system=None)  # text only, no system prompt: as HoVLE's stages
 LM_DEFAULTS = TrainSettings(steps=250, batch_size=32, lr=3e-3, warmup=30)
 
@@ -45,13 +42,6 @@ class LMModule(torch.nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, _ = self.model(self.model.model.tok_embeddings(ids), positions, mask)
         return next_token_loss(logits, batch["labels"])
-
-
-def next_token_loss(logits, labels):
-    """Mean cross entropy of predicting labels[t+1] at t; returns (loss, counted tokens)."""
-    target = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
-    return loss, (target != IGNORE).sum()
 
 
 class PretrainLM(Task):
@@ -91,17 +81,6 @@ def save_lm(model: InternLM2ForCausalLM, tokenizer: Tokenizer, directory: str, w
         json.dump(config_to_dict(model.cfg), f, indent=2)
     save_state_dict(weights, directory, max_shard_bytes=5 * 2**30)
     tokenizer.save(directory)
-
-
-def load_lm(directory: str) -> InternLM2ForCausalLM:
-    path = os.path.join(directory, "config.json")
-    config = config_from_dict(LLMConfig, read_json(path, ConfigError), path)
-    with torch.device("meta"):
-        model = InternLM2ForCausalLM(config)
-    state = read_state_dict(directory)
-    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, directory)
-    model.load_state_dict(state, assign=True)
-    return model.eval()
 
 
 def pretrain_lm(out: str, settings: TrainSettings | None = None, progress: bool = True) -> dict:

@@ -1,6 +1,5 @@
-"""Teachers for stage 1: modules mapping image tiles to patch features [T, N, W]. The shapes world's
-tiny vision encoder (the stand-in for InternViT, trained here on scene attributes), or any local
-Hugging Face vision model folder. Which one is read from the folder's config.json."""
+"""The shapes world's teacher for stage 1: a tiny vision encoder, the stand-in for InternViT, trained
+here on scene attributes. train/teacher.py loads it (or any Hugging Face vision model) for distill."""
 
 from __future__ import annotations
 
@@ -11,21 +10,13 @@ import random
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hovle_edge.errors import ConfigError
 from hovle_edge.preprocess import normalize
 from hovle_edge.shapes import world
 from hovle_edge.train.loop import Task, TrainSettings, train
-
-ARCHITECTURE = "ShapesTeacher"
-
-
-def fit(pixel_values, size: int):
-    """Tiles resized (bicubic) to the teacher's own input size when the student's differs."""
-    if pixel_values.shape[-1] == size:
-        return pixel_values
-    return F.interpolate(pixel_values, size=(size, size), mode="bicubic", align_corners=False)
+from hovle_edge.train.teacher import SHAPES_TEACHER as ARCHITECTURE, fit
 
 
 class ShapesTeacher(nn.Module):
@@ -157,38 +148,3 @@ def attribute_accuracy(teacher: ShapesTeacher, seed: int, count: int = 256) -> d
     held = targets[..., 0] != len(world.SHAPES)
     return {name: round(float((head(pooled).argmax(-1) == targets[..., k])[held].float().mean()), 4)
             for k, (name, head) in enumerate(teacher.heads.items())}
-
-
-class HFVisionTeacher(nn.Module):
-    """A local Hugging Face vision model: patch features of its last hidden state, class token dropped."""
-
-    def __init__(self, directory: str):
-        super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        vision = getattr(config, "vision_config", config)
-        self.model = AutoModel.from_pretrained(directory, local_files_only=True)
-        self.model = getattr(self.model, "vision_model", self.model)
-        self.image_size = vision.image_size
-        self.width = vision.hidden_size
-
-    def forward(self, pixel_values):
-        hidden = self.model(pixel_values=fit(pixel_values, self.image_size)).last_hidden_state
-        grid = int(hidden.shape[1] ** 0.5)
-        return hidden[:, -grid * grid:]  # drop a leading class token when there is one
-
-
-def load_teacher(directory: str) -> nn.Module:
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{directory}: no config.json for the teacher")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if ARCHITECTURE in config.get("architectures", []):
-        keys = ("image_size", "grid", "width", "channels")
-        teacher = ShapesTeacher(**{k: config[k] for k in keys})
-        teacher.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-    else:
-        teacher = HFVisionTeacher(directory)
-    return teacher.eval().requires_grad_(False)

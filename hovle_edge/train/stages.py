@@ -24,9 +24,10 @@ from hovle_edge.model.weights import save_model
 from hovle_edge.preprocess import load_image, preprocess_image
 from hovle_edge.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, TOKENIZER_FILES, ChatTemplate, Tokenizer
 from hovle_edge.train.data import Examples, collate, image_files, picks
-from hovle_edge.shapes.lm import ARCHITECTURE as LM_ARCHITECTURE, load_lm, next_token_loss
+from hovle_edge.model.llm import ARCHITECTURE as LM_ARCHITECTURE, InternLM2ForCausalLM
+from hovle_edge.train.losses import next_token_loss
 from hovle_edge.train.loop import Task, TrainSettings, claim_training_output, inherited, train
-from hovle_edge.shapes.teacher import load_teacher
+from hovle_edge.train.teacher import load_teacher
 
 
 def init_model(init: str, embedding: dict | None = None) -> HoVLE:
@@ -40,7 +41,7 @@ def init_model(init: str, embedding: dict | None = None) -> HoVLE:
         return HoVLE.from_pretrained(init)
     if LM_ARCHITECTURE not in data.get("architectures", []):
         raise ConfigError(f"{path}: neither a HoVLE checkpoint nor an {LM_ARCHITECTURE} folder")
-    lm = load_lm(init)
+    lm = InternLM2ForCausalLM.from_pretrained(init)
     tokenizer = Tokenizer.from_dir(init)
     llm = lm.cfg
     settings = dict(hidden_size=llm.hidden_size, num_attention_heads=llm.num_attention_heads,
