@@ -19,11 +19,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from hovle_edge.runtime.ort_threads import session_options  # noqa: E402
+
 GRAPHS = ("vision", "embedding", "decoder")
 
 
 def options(ort, level):
-    o = ort.SessionOptions()
+    o = session_options(ort)  # as the runtime opens them
     o.graph_optimization_level = level
     o.log_severity_level = 3
     return o

@@ -147,8 +147,10 @@ class Context:
     def __init__(self, engine: Engine, runtime_cache: RuntimeCache | None = None):
         import onnxruntime as ort
 
+        from hovle_edge.runtime.ort_threads import session_options
+
         self.engine, self.runtime_cache = engine, runtime_cache
-        self.session = ort.InferenceSession(engine.onnx, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(engine.onnx, session_options(ort), providers=["CPUExecutionProvider"])
         self.input_types = {i.name: ORT_TYPES[i.type] for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.profile, self.shapes, self.addresses, self.results = None, {}, {}, None

@@ -8,6 +8,7 @@ import torch
 
 from hovle_edge import spec
 from hovle_edge.export.ort_graphs import decoder_graph, embedding_graph
+from hovle_edge.runtime.ort_threads import session_options
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -16,9 +17,7 @@ TOLERANCE = {"float32": 1e-4, "float16": 5e-2}  # as export/parity.py, for outpu
 
 
 def session(model):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), session_options(ort), providers=["CPUExecutionProvider"])
 
 
 def run_in_place(graph, feeds: dict, buffers: dict, output: str) -> np.ndarray:

@@ -17,6 +17,7 @@ from hovle_edge.quantize.blocks import QuantizedWeight, quantize_weight
 from hovle_edge.quantize.calibration import encode, shapes_world_samples
 from hovle_edge.quantize.graph import rewrite, weight_matmuls
 from hovle_edge.quantize.prefill import PrefillRunner
+from hovle_edge.runtime.ort_threads import session_options
 from hovle_edge.spec import load_manifest
 
 ort = pytest.importorskip("onnxruntime")
@@ -42,7 +43,7 @@ def single_matmul(weight: np.ndarray) -> onnx.ModelProto:
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
+    options = session_options(ort)
     # ONNX Runtime fuses DequantizeLinear -> MatMul into MatMulNBits computing in int8 (accuracy level 4,
     # about 1% off) unless told otherwise; here the float computation is the one checked.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")

@@ -13,6 +13,7 @@ import torch
 
 from hovle_edge.export import parity
 from hovle_edge.export.graphs import GraphSpec
+from hovle_edge.runtime.ort_threads import session_options
 
 
 def in_place_spec(graph: GraphSpec, config, dtype: str) -> GraphSpec:
@@ -73,9 +74,7 @@ def check_in_place_graph(graph: GraphSpec, path: str, config, precision: str, re
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
     if session is None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(path, session_options(ort), providers=["CPUExecutionProvider"])
     rows = []
     for case, inputs in parity.cases(graph, config, dtype):
         buffers = {spec.name: ort.OrtValue.ortvalue_from_numpy(x.numpy().copy())

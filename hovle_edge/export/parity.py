@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from hovle_edge.errors import ExportError
 from hovle_edge.export.graphs import GraphSpec
+from hovle_edge.runtime.ort_threads import session_options
 from hovle_edge.spec import CAPACITY
 
 # Largest max-abs error accepted per output, by precision, for outputs of magnitude up to 1 (scaled
@@ -191,9 +192,7 @@ def check_graph(graph: GraphSpec, path: str, cases: list[Case], progress: bool =
 
     if session is not None:
         return [row for case in cases for row in run_case(graph, session, case)]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, session_options(ort), providers=["CPUExecutionProvider"])
     try:
         return [row for case in tqdm(cases, desc=f"{graph.name} parity", unit="case", leave=False,
                                      disable=not progress) for row in run_case(graph, session, case)]

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper
 
 from hovle_edge.errors import InputError
+from hovle_edge.runtime.ort_threads import session_options
 
 
 def prefill_feeds(manifest, graph: str, sequence: int, named: dict) -> dict:
@@ -50,10 +51,7 @@ class PrefillRunner:
 
         self.manifest = manifest
         self.recorded = recorded or {}
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(ort, threads)
         self.sessions = {}
         with tempfile.TemporaryDirectory(prefix="hovle-prefill-") as work:
             for graph in ("vision", "embedding", "decoder"):

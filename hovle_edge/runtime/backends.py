@@ -9,6 +9,7 @@ import numpy as np
 from hovle_edge.errors import HoVLEError
 from hovle_edge.spec import GRAPHS, IN_PLACE, Manifest
 from hovle_edge.runtime.ort_cache import open_session
+from hovle_edge.runtime.ort_threads import session_options
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -58,16 +59,7 @@ class OnnxRuntimeBackend:
         return open_session(self.ort, manifest.graph_path(name), self._options(threads), PROVIDERS[self.device])
 
     def _options(self, threads: int | None):
-        options = self.ort.SessionOptions()
-        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        # The embedding and decoder sessions take turns at every token: threads left spinning by the
-        # idle one took the cores from the busy one (a 512-context w512 decode step 153-165 ms with
-        # spinning, 58-61 ms without, measured on this project's 2-core machine).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return options
+        return session_options(self.ort, threads)  # one pool for the graphs that take turns (ort_threads.py)
 
     # KV buffers. On CPU a buffer is a numpy array (wrapped as an OrtValue over the same memory when
     # the graph writes it in place); on CUDA an OrtValue in device memory.
