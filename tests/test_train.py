@@ -325,7 +325,7 @@ def test_quick_demo_runs_the_whole_path_and_reuses_it(tmp_path):
     with Pipeline.from_dir(str(out / "onnx")) as pipe:
         asked = scene_questions(20)
         assert report["accuracy"] == percent([runtime_answer(pipe, q, image) for image, q, _ in asked], [a for *_, a in asked])
-    assert {"language_kept", "latency_ms", "distill", "teacher_accuracy_on_things", "plan"} <= set(report)
+    assert {"language_kept", "lm_described_accuracy", "latency_ms", "distill", "teacher_accuracy_on_things", "plan"} <= set(report)
     assert (report["caption_exact_after_align"] / 20).is_integer()  # a count of 5 captions
     assert report["follow_ups"] == 10 and (report["follow_up_accuracy"] / 10).is_integer()  # a count of 10
     assert set(report["seconds_by_step"]) >= {"data", "teacher", "lm", "distill", "align", "instruct", "export"}

@@ -127,8 +127,9 @@ def evaluate(paths: dict, count: int) -> dict:
     from hovle_edge.model import HoVLE
     from hovle_edge.runtime import Pipeline
     from hovle_edge.tokenizer import ChatTemplate, Tokenizer
-    from hovle_edge.shapes.evaluate import (caption_exact, follow_up_questions, percent, runtime_answer,
-                                           runtime_follow_up, scene_questions, text_questions, torch_answer)
+    from hovle_edge.shapes.evaluate import (caption_exact, described_questions, follow_up_questions, percent,
+                                           runtime_answer, runtime_follow_up, scene_questions, text_questions,
+                                           torch_answer)
     from hovle_edge.model.llm import InternLM2ForCausalLM
     from hovle_edge.shapes.lm import LM_TEMPLATE, lm_answer
 
@@ -149,6 +150,8 @@ def evaluate(paths: dict, count: int) -> dict:
         follow_up_answers = [runtime_follow_up(pipe, first, second, image) for image, first, second, _ in follow_ups]
     lm = InternLM2ForCausalLM.from_pretrained(paths["lm"])
     lm_text = [lm_answer(lm, tokenizer, LM_TEMPLATE, q) for q, _ in texts]
+    described = described_questions(count)
+    lm_described = [lm_answer(lm, tokenizer, LM_TEMPLATE, q) for q, _ in described]
     by_kind = {}
     for (_, question, answer), got in zip(items, runtime_answers):
         kind = " ".join(question.split()[:2])
@@ -165,6 +168,7 @@ def evaluate(paths: dict, count: int) -> dict:
         "language_kept": percent(final_text, lm_text),
         "text_questions": len(texts),
         "lm_text_accuracy": percent(lm_text, [a for _, a in texts]),
+        "lm_described_accuracy": percent(lm_described, [a for _, a in described]),  # the scenes in words
         "latency_ms": {"time_to_first_token_p50": 1000 * float(np.median(ttft)),
                        "per_token_p50": 1000 * float(np.median(per_token)) if per_token else None},
         "examples": [{"question": q, "expected": a, "answer": got} for (_, q, a), got in list(zip(items, runtime_answers))[:5]],

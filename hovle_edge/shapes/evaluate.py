@@ -31,6 +31,17 @@ def scene_questions(count: int, seed: int = EVAL_SEED) -> list[tuple]:
     return items
 
 
+def described_questions(count: int, seed: int = EVAL_SEED) -> list[tuple[str, str]]:
+    """scene_questions' questions with the scene told in words instead of shown ("<caption>. <question>"):
+    what the language model alone can read out of a description, the skill stage 2 builds on."""
+    items = []
+    for i in range(count):
+        things, _ = world.sample(seed + i)
+        question, answer = random.Random(seed - i).choice(world.questions(things, random.Random(seed + i)))
+        items.append((f"{world.caption(things)}. {question}", answer))
+    return items
+
+
 def follow_up_questions(count: int, seed: int = EVAL_SEED + 300_000) -> list[tuple]:
     """(image, first question, follow-up question, follow-up's answer): two different questions about
     one fresh scene, the second to be asked in the same conversation after the model answered the first."""
