@@ -73,6 +73,7 @@ class OnnxRuntimeBackend:
                 buffers[spec.name] = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, spec.dtype, "cuda", 0)
             else:
                 buffers[spec.name] = np.zeros(shape, dtype=spec.dtype)
+            buffers.ort_values[spec.name] = self._ortvalue(buffers[spec.name])
         return buffers
 
     def read_kv(self, buffer, length: int) -> np.ndarray:
@@ -112,8 +113,7 @@ class OnnxRuntimeBackend:
         for name in bound:  # first: get_outputs() lists the outputs in the order they were bound
             on_gpu = self.on_device and (name in device_outputs or name.startswith("present."))
             binding.bind_output(name, "cuda" if on_gpu else "cpu")
-        for name, buffer in (kv or {}).items():
-            value = self._kv_value(kv, name, buffer)
+        for name, value in (kv.ort_values if kv else {}).items():
             binding.bind_ortvalue_input(name, value)
             if in_place:  # the same memory as past and present: the graph writes the new rows itself
                 binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
@@ -123,15 +123,6 @@ class OnnxRuntimeBackend:
             keep = self.on_device and (name in device_outputs or name.startswith("present."))
             values[name] = value if keep else value.numpy()
         return self._store_rows(graph, feeds, kv, values)
-
-    def _kv_value(self, kv: dict, name: str, buffer):
-        """The OrtValue a KV buffer is bound as: kept in its KVBuffers after the first time."""
-        kept = getattr(kv, "ort_values", None)
-        if kept is None:
-            return self._ortvalue(buffer)
-        if name not in kept:
-            kept[name] = self._ortvalue(buffer)
-        return kept[name]
 
     def _ortvalue(self, buffer):
         return buffer if isinstance(buffer, self.ort.OrtValue) else self.ort.OrtValue.ortvalue_from_numpy(buffer)
@@ -157,9 +148,9 @@ class OnnxRuntimeBackend:
 
 
 class KVBuffers(dict):
-    """One graph's KV buffers by input name, with the OrtValue over each buffer made the first time it is
-    bound and kept beside it: made afresh at every token, the 2 x layers wrappers of a step cost about
-    a millisecond of Python (w512, 16 layers). They go with the buffers."""
+    """One graph's KV buffers by input name, with the OrtValue over each buffer's memory made once beside
+    it (`ort_values`): made afresh at every token, the 2 x layers wrappers of a step cost about a
+    millisecond of Python (w512, 16 layers). They go with the buffers."""
 
     def __init__(self):
         super().__init__()

@@ -42,10 +42,5 @@ def session_options(ort, threads: int | None = None):
     return options
 
 
-def pool_threads() -> int | None:
-    """The thread count the process's pool was made with (None: one per physical core, or no pool yet)."""
-    return _pool.get("threads")
-
-
 def describe(threads: int | None) -> str:
     return "one thread per physical core" if threads is None else f"{threads} threads"
