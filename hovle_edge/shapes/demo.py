@@ -30,8 +30,8 @@ class DemoPlan:
     teacher: TrainSettings = field(default_factory=lambda: TEACHER_DEFAULTS)
     lm: TrainSettings = field(default_factory=lambda: LM_DEFAULTS)
     distill: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, batch_size=16, lr=1e-3, warmup=20))
-    # Stage 2 decides what the frozen LLM can read: colour is the attribute it loses first (the distilled
-    # image tokens carry it, too strong an update washes it out), so a moderate lr and most of the time.
+    # Stage 2 decides what the frozen LLM can read, and colour is what it reads worst (the stand-in LM
+    # cannot read a colour even from words: docs/experiments.md), so a moderate lr and most of the time.
     align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=1000, batch_size=16, lr=1e-3, warmup=30))
     instruct: TrainSettings = field(default_factory=lambda: TrainSettings(steps=400, batch_size=32, lr=4e-4, warmup=30))
     embedding_layers: int = 4
@@ -128,7 +128,7 @@ def evaluate(paths: dict, count: int) -> dict:
     from hovle_edge.runtime import Pipeline
     from hovle_edge.tokenizer import ChatTemplate, Tokenizer
     from hovle_edge.shapes.evaluate import (caption_exact, described_questions, follow_up_questions, percent,
-                                           runtime_answer, runtime_follow_up, scene_questions, text_questions,
+                                           runtime_answer, runtime_follow_up, scored_scenes, text_questions,
                                            torch_answer)
     from hovle_edge.model.llm import InternLM2ForCausalLM
     from hovle_edge.shapes.lm import LM_TEMPLATE, lm_answer
@@ -136,7 +136,8 @@ def evaluate(paths: dict, count: int) -> dict:
     model = HoVLE.from_pretrained(paths["stage3-instruct"])
     tokenizer = Tokenizer.from_dir(paths["stage3-instruct"])
     template = ChatTemplate(model.config.tokens_per_tile, model.config.extra.get("system_message"))
-    items = scene_questions(count)
+    scored = scored_scenes(count)
+    items = [(image, question, answer) for _, image, question, answer in scored]
     expected = [a for _, _, a in items]
     torch_answers = [torch_answer(model, tokenizer, template, q, image) for image, q, _ in items]
     with Pipeline.from_dir(paths["onnx"]) as pipe:
@@ -150,7 +151,7 @@ def evaluate(paths: dict, count: int) -> dict:
         follow_up_answers = [runtime_follow_up(pipe, first, second, image) for image, first, second, _ in follow_ups]
     lm = InternLM2ForCausalLM.from_pretrained(paths["lm"])
     lm_text = [lm_answer(lm, tokenizer, LM_TEMPLATE, q) for q, _ in texts]
-    described = described_questions(count)
+    described = described_questions(scored)
     lm_described = [lm_answer(lm, tokenizer, LM_TEMPLATE, q) for q, _ in described]
     by_kind = {}
     for (_, question, answer), got in zip(items, runtime_answers):

@@ -16,30 +16,30 @@ EVAL_SEED = 10_000_000  # far from every seed used to make training data
 
 
 def fresh_scene(seed: int) -> tuple:
-    """(picture, every question with its answer) of the scene drawn from `seed`."""
+    """(things, picture, every question with its answer) of the scene drawn from `seed`."""
     things, image = world.sample(seed)
-    return image, world.questions(things, random.Random(seed))
+    return things, image, world.questions(things, random.Random(seed))
+
+
+def scored_scenes(count: int, seed: int = EVAL_SEED) -> list[tuple]:
+    """(things, image, question, answer) on fresh scenes, one question each: what the demo is scored on."""
+    items = []
+    for i in range(count):
+        things, image, asked = fresh_scene(seed + i)
+        question, answer = random.Random(seed - i).choice(asked)
+        items.append((things, image, question, answer))
+    return items
 
 
 def scene_questions(count: int, seed: int = EVAL_SEED) -> list[tuple]:
     """(image, question, answer) on fresh scenes, one question each."""
-    items = []
-    for i in range(count):
-        image, asked = fresh_scene(seed + i)
-        question, answer = random.Random(seed - i).choice(asked)
-        items.append((image, question, answer))
-    return items
+    return [(image, question, answer) for _, image, question, answer in scored_scenes(count, seed)]
 
 
-def described_questions(count: int, seed: int = EVAL_SEED) -> list[tuple[str, str]]:
-    """scene_questions' questions with the scene told in words instead of shown ("<caption>. <question>"):
+def described_questions(scored: list[tuple]) -> list[tuple[str, str]]:
+    """scored_scenes' questions with the scene told in words instead of shown ("<caption>. <question>"):
     what the language model alone can read out of a description, the skill stage 2 builds on."""
-    items = []
-    for i in range(count):
-        things, _ = world.sample(seed + i)
-        question, answer = random.Random(seed - i).choice(world.questions(things, random.Random(seed + i)))
-        items.append((f"{world.caption(things)}. {question}", answer))
-    return items
+    return [(f"{world.caption(things)}. {question}", answer) for things, _, question, answer in scored]
 
 
 def follow_up_questions(count: int, seed: int = EVAL_SEED + 300_000) -> list[tuple]:
@@ -47,7 +47,7 @@ def follow_up_questions(count: int, seed: int = EVAL_SEED + 300_000) -> list[tup
     one fresh scene, the second to be asked in the same conversation after the model answered the first."""
     items = []
     for i in range(count):
-        image, asked = fresh_scene(seed + i)
+        _, image, asked = fresh_scene(seed + i)
         (first, _), (second, answer) = random.Random(seed - i).sample(asked, 2)
         items.append((image, first, second, answer))
     return items
