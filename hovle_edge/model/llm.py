@@ -12,6 +12,7 @@ from hovle_edge.config import LLMConfig, config_from_dict
 from hovle_edge.errors import ConfigError
 from hovle_edge.files import read_json
 from hovle_edge.model.layers import KV, DecoderLayer, RMSNorm, run_layers
+from hovle_edge.model.weights import check_state_dict, read_state_dict
 
 ARCHITECTURE = "InternLM2ForCausalLM"
 
@@ -45,8 +46,6 @@ class InternLM2ForCausalLM(nn.Module):
     def from_pretrained(cls, directory: str) -> "InternLM2ForCausalLM":
         """An InternLM2 folder (config.json with the llm keys, `model.*` / `output.weight` safetensors),
         in eval mode; the weights are assigned, not copied into fresh parameters."""
-        from hovle_edge.model.weights import check_state_dict, read_state_dict
-
         path = os.path.join(directory, "config.json")
         config = config_from_dict(LLMConfig, read_json(path, ConfigError), path)
         with torch.device("meta"):

@@ -3,7 +3,6 @@ here on scene attributes. train/teacher.py loads it (or any Hugging Face vision 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from hovle_edge.errors import ConfigError
+from hovle_edge.files import write_json
 from hovle_edge.preprocess import normalize
 from hovle_edge.shapes import world
 from hovle_edge.train.loop import Task, TrainSettings, train
@@ -125,8 +125,7 @@ class PretrainTeacher(Task):
     def save(self, directory: str, weights: dict) -> None:
         self.accuracy = attribute_accuracy(self.model.eval(), seed=random.Random(self.seed).randrange(10**6) + 7_000_000)
         save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, "model.safetensors"))
-        with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-            json.dump({**self.model.config, "accuracy_on_things": self.accuracy}, f, indent=2)
+        write_json(os.path.join(directory, "config.json"), {**self.model.config, "accuracy_on_things": self.accuracy})
 
 
 def pretrain_teacher(out: str, settings: TrainSettings | None = None, progress: bool = True) -> dict[str, float]:

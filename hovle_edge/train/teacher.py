@@ -4,7 +4,6 @@ one is read from the folder's config.json."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch.nn as nn
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hovle_edge.errors import ConfigError
+from hovle_edge.files import read_json
 
 SHAPES_TEACHER = "ShapesTeacher"
 
@@ -47,8 +47,7 @@ def load_teacher(directory: str) -> nn.Module:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{directory}: no config.json for the teacher")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(path, ConfigError)
     if SHAPES_TEACHER in config.get("architectures", []):
         from hovle_edge.shapes.teacher import ShapesTeacher
 
