@@ -2,6 +2,9 @@
 cases and comparison, run the way the runtime runs them, with each past and its present bound to one
 buffer, so that the decode case reads the rows the graph itself wrote at prefill.
 
+The cases run each token at its slot (parity.cases), which is where GroupQueryAttention rotates it, so
+the reference's keys are the ones the graph writes into the cache.
+
 Outputs are compared at real (not padding) positions only. The contract leaves a padding position's
 output undefined, and the two sides differ there: a query that sees no real key averages every slot's
 value in PyTorch (all scores masked alike) but only the slots up to its own in GroupQueryAttention."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from hovle_edge.errors import HoVLEError
-from hovle_edge.spec import GRAPHS, IN_PLACE, Manifest
+from hovle_edge.spec import BATCH, GRAPHS, IN_PLACE, SEQUENCE, Manifest
 from hovle_edge.runtime.ort_cache import open_session
 from hovle_edge.runtime.ort_threads import session_options
 
@@ -103,26 +103,42 @@ class OnnxRuntimeBackend:
             names = self.outputs[graph]
             values = dict(zip(names, session.run(names, {**feeds, **(kv or {})})))
             return self._store_rows(graph, feeds, kv, values)
-        binding = session.io_binding()
+        if in_place:
+            binding = kv.binding(session)  # pasts and presents bound once, for the cache's life
+        else:
+            binding = session.io_binding()
+            for name, value in (kv.ort_values if kv else {}).items():
+                binding.bind_ortvalue_input(name, value)
         for name, value in feeds.items():
             if isinstance(value, self.ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        bound = [n for n in self.outputs[graph] if not (in_place and n.startswith("present."))]
-        for name in bound:  # first: get_outputs() lists the outputs in the order they were bound
-            on_gpu = self.on_device and (name in device_outputs or name.startswith("present."))
-            binding.bind_output(name, "cuda" if on_gpu else "cpu")
-        for name, value in (kv.ort_values if kv else {}).items():
-            binding.bind_ortvalue_input(name, value)
-            if in_place:  # the same memory as past and present: the graph writes the new rows itself
-                binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        names = [n for n in self.outputs[graph] if not (in_place and n.startswith("present."))]
+        host = {} if self.on_device else self._host_outputs(graph, names, feeds)
+        for name in names:  # a name bound again keeps its place in the binding's outputs
+            if name in host:
+                binding.bind_ortvalue_output(name, self.ort.OrtValue.ortvalue_from_numpy(host[name]))
+            else:
+                on_gpu = name in device_outputs or name.startswith("present.")
+                binding.bind_output(name, "cuda" if on_gpu else "cpu")
         session.run_with_iobinding(binding)
-        values = {}
-        for name, value in zip(bound, binding.get_outputs()):
-            keep = self.on_device and (name in device_outputs or name.startswith("present."))
-            values[name] = value if keep else value.numpy()
+        if host:
+            values = host  # the graph wrote into these arrays: no output to fetch or copy
+        else:  # this call's outputs are the binding's last ones (the buffers bound once come first)
+            values = {}
+            for name, value in zip(names, binding.get_outputs()[-len(names):]):
+                keep = name in device_outputs or name.startswith("present.")
+                values[name] = value if keep else value.numpy()
         return self._store_rows(graph, feeds, kv, values)
+
+    def _host_outputs(self, graph: str, names: list[str], feeds: dict) -> dict:
+        """Fresh host arrays for a CPU call's outputs (never reused: a caller may keep them), shaped from
+        the contract's dims; the graph writes into them through the binding."""
+        batch, sequence = np.shape(feeds["position_ids"])
+        sizes = {BATCH: batch, SEQUENCE: sequence}
+        return {s.name: np.empty(tuple(sizes.get(d, d) for d in s.dims), dtype=s.dtype)
+                for s in self.specs[graph][1] if s.name in names}
 
     def _ortvalue(self, buffer):
         return buffer if isinstance(buffer, self.ort.OrtValue) else self.ort.OrtValue.ortvalue_from_numpy(buffer)
@@ -155,6 +171,18 @@ class KVBuffers(dict):
     def __init__(self):
         super().__init__()
         self.ort_values = {}
+        self._binding = None
+
+    def binding(self, session):
+        """The session's IOBinding with every buffer bound as both past and present (the graph writes its
+        new rows in place), made at the first call: a later call binds only its feeds and outputs, where
+        binding the 4 x layers KV values again cost more Python than anything else in a step."""
+        if self._binding is None:
+            self._binding = session.io_binding()
+            for name, value in self.ort_values.items():
+                self._binding.bind_ortvalue_input(name, value)
+                self._binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        return self._binding
 
 
 BACKENDS = ("onnxruntime", "tensorrt")
