@@ -159,11 +159,18 @@ def table(results: list[dict], engines: list[str], contexts: list[int]) -> str:
         first, last = contexts[0], contexts[-1]
         growth = median("hovle-ort", last, "step_ms") / median("hovle-ort", first, "step_ms")
         lines.append(f"hovle-ort step growth {first} -> {last}: {growth:.2f}x (target < 1.4x)")
-        for peer, target in (("genai-fp32", "<= 1.0x"), ("torch", ">= 1.5x faster")):
-            if peer in engines:
-                ratios = ", ".join(f"{c}: {median(peer, c, 'step_ms') / median('hovle-ort', c, 'step_ms'):.2f}x"
-                                   for c in contexts)
-                lines.append(f"{peer} ms/token over hovle-ort's ({target}): {ratios}")
+
+        def ratios(numerator, denominator, key):
+            return ", ".join(f"{c}: {median(numerator, c, key) / median(denominator, c, key):.2f}x" for c in contexts)
+
+        if "genai-fp32" in engines:
+            for key, what in (("step_ms", "ms/token"), ("ttft_ms", "TTFT")):
+                lines.append(f"hovle-ort {what} over genai-fp32's (target <= 1.0x): "
+                             f"{ratios('hovle-ort', 'genai-fp32', key)}")
+            lines.append(f"hovle-ort peak RSS over genai-fp32's (target <= 1.2x at {last}): "
+                         f"{median('hovle-ort', last, 'rss_mb') / median('genai-fp32', last, 'rss_mb'):.2f}x")
+        if "torch" in engines:
+            lines.append(f"torch ms/token over hovle-ort's (target >= 1.5x): {ratios('torch', 'hovle-ort', 'step_ms')}")
     return "\n".join(lines)
 
 
