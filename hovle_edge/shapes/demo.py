@@ -30,8 +30,9 @@ class DemoPlan:
     teacher: TrainSettings = field(default_factory=lambda: TEACHER_DEFAULTS)
     lm: TrainSettings = field(default_factory=lambda: LM_DEFAULTS)
     distill: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, batch_size=16, lr=1e-3, warmup=20))
-    # Stage 2 decides what the frozen LLM can read, and colour is what it reads worst (the stand-in LM
-    # cannot read a colour even from words: docs/experiments.md), so a moderate lr and most of the time.
+    # Stage 2 decides what the frozen LLM can read out of the image tokens, and it can lend only what the
+    # stand-in LM reads in words (colour is what that LM learns last: docs/experiments.md), so a moderate
+    # lr and most of the time.
     align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=1000, batch_size=16, lr=1e-3, warmup=30))
     instruct: TrainSettings = field(default_factory=lambda: TrainSettings(steps=400, batch_size=32, lr=4e-4, warmup=30))
     embedding_layers: int = 4
