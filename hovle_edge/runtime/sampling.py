@@ -49,21 +49,28 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self._scratch = None  # float64 logits [V], made at the first call that needs it and reused
 
     def __call__(self, logits: np.ndarray, seen_ids: list[int]) -> int:
-        """logits [V] -> the next token id; `seen_ids` are penalized as Hugging Face does."""
+        """logits [V] -> the next token id; `seen_ids` are penalized as Hugging Face does. The caller's
+        logits are never changed."""
         p = self.params
-        logits = logits.astype(np.float64)
+        if p.temperature == 0 and p.repetition_penalty == 1.0:
+            return int(np.argmax(logits))  # widening to float64 keeps the order: no copy needed
+        if self._scratch is None or self._scratch.shape != logits.shape:
+            self._scratch = np.empty(logits.shape, dtype=np.float64)
+        np.copyto(self._scratch, logits)
+        logits = self._scratch
         if p.repetition_penalty != 1.0 and seen_ids:
             seen = np.unique(np.asarray(seen_ids))
             values = logits[seen]
             logits[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if p.temperature == 0:
             return int(np.argmax(logits))
-        logits = logits / p.temperature
+        logits /= p.temperature  # in the scratch buffer, as the steps below
         if 0 < p.top_k < logits.size:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
-            logits = np.where(logits < kth, -np.inf, logits)
+            logits[logits < kth] = -np.inf
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         if p.top_p < 1.0:
