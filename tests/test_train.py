@@ -109,6 +109,42 @@ def test_loss_only_on_the_assistants_tokens(tiny_checkpoint):
     assert ids[0] == tokenizer.bos_id
 
 
+def test_packed_rows_train_each_example_as_if_it_were_alone(tiny_checkpoint):
+    """collate packs examples into rows; the loss must be the one of each example run alone (padded,
+    2D mask, default positions), and the images must reach their own examples."""
+    from hovle_edge.preprocess import preprocess_image
+    from hovle_edge.train.data import collate
+    from hovle_edge.train.losses import next_token_loss
+    from hovle_edge.train.stages import LanguageModule
+
+    model = HoVLE.from_pretrained(str(tiny_checkpoint)).eval()
+    config = model.config
+    image_ids = [config.embedding_config.img_context_token_id] * config.tokens_per_tile
+    words = iter(np.random.default_rng(0).integers(10, 400, size=64).tolist())
+
+    def example(length: int, image_seed: int | None = None):
+        ids = [1] + ([] if image_seed is None else image_ids) + [next(words) for _ in range(length)]
+        pixels = None if image_seed is None else preprocess_image(world.sample(image_seed)[1], max_num=1,
+                                                                   image_size=config.image_size)
+        return ids, [IGNORE] * (len(ids) - length) + ids[-length:], pixels
+
+    examples = [example(9, image_seed=1), example(2), example(7, image_seed=2), example(1, image_seed=3)]
+    batch = collate(examples, pad_id=0)
+    # Lengths 14, 3, 12, 6 into rows of 14, each into the first that has room: [14], [3 + 6], [12], so the
+    # images run 1, 3, 2 in sequence order.
+    assert batch["input_ids"].shape == (3, 14)
+    assert batch["position_ids"][1].tolist() == list(range(3)) + list(range(6)) + [0] * 5
+    with torch.no_grad():
+        loss, counted = LanguageModule(model)(batch)
+        total, tokens = 0.0, 0
+        for ids, labels, pixels in examples:
+            logits = model(torch.tensor([ids]), pixel_values=None if pixels is None else torch.from_numpy(pixels)).logits
+            alone, count = next_token_loss(logits, torch.tensor([labels]))
+            total, tokens = total + float(alone) * int(count), tokens + int(count)
+    assert int(counted) == tokens == 9 + 2 + 7 + 1  # each word once: no label reaches across examples
+    assert float(loss) == pytest.approx(total / tokens, rel=1e-5)
+
+
 @pytest.mark.slow
 def test_distill_from_a_language_model_folder(stage_data, tmp_path):
     from hovle_edge.shapes.lm import pretrain_lm

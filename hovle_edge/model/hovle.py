@@ -49,8 +49,9 @@ class HoVLE(nn.Module):
     def forward(self, input_ids, pixel_values=None, position_ids=None, attention_mask=None,
                 past_key_values: HoVLECache | None = None) -> HoVLEOutput:
         past_length = 0 if past_key_values is None else past_key_values.length
-        default_pos, attention_mask = default_positions(input_ids, attention_mask, past_length)
-        position_ids = default_pos if position_ids is None else position_ids
+        if attention_mask is None or attention_mask.dim() == 2:  # else a packed training batch with its positions
+            default_pos, attention_mask = default_positions(input_ids, attention_mask, past_length)
+            position_ids = default_pos if position_ids is None else position_ids
         image_embeds = None
         if pixel_values is not None:
             image_embeds = self.embedding_model.image_embeds(pixel_values).flatten(0, 1)  # [tiles*256, C]

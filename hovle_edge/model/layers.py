@@ -116,7 +116,8 @@ def run_layers(layers: nn.ModuleList, cfg, x, position_ids, attention_mask, past
     if past is None:
         past = empty_cache(cfg, x.shape[0], x.device, x.dtype)
     cos, sin = rotary_cos_sin(position_ids, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, x.dtype)
-    mask = causal_mask(attention_mask, x.shape[1])
+    # A [B, 1, S, S] boolean mask is taken as it is: training rows that pack several examples (train.data.collate).
+    mask = attention_mask if attention_mask.dim() == 4 else causal_mask(attention_mask, x.shape[1])
     presents = []
     for layer, layer_past in zip(layers, past):
         x, present = layer(x, cos, sin, mask, layer_past)

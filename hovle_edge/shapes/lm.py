@@ -41,9 +41,7 @@ class LMModule(torch.nn.Module):
 
     def forward(self, batch):
         ids = batch["input_ids"]
-        mask = batch["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, _ = self.model(self.model.model.tok_embeddings(ids), positions, mask)
+        logits, _ = self.model(self.model.model.tok_embeddings(ids), batch["position_ids"], batch["attention_mask"])
         return next_token_loss(logits, batch["labels"])
 
 

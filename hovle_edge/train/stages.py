@@ -195,7 +195,8 @@ class LanguageModule(nn.Module):
         self.model = model
 
     def forward(self, batch):
-        out = self.model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
+        out = self.model(batch["input_ids"], pixel_values=batch["pixel_values"], position_ids=batch["position_ids"],
+                         attention_mask=batch["attention_mask"])
         return next_token_loss(out.logits, batch["labels"])
 
 
