@@ -34,8 +34,9 @@ class DemoPlan:
     # stand-in LM reads in words (colour is what that LM learns last: docs/experiments.md), so a moderate
     # lr and most of the time.
     align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=1000, batch_size=16, lr=1e-3, warmup=30))
-    # Stage 3 is where the answers are learned, and the most of the time goes there: from the same stage 2,
-    # 1200 steps answered 83-91.5% where 400 answered 75.5-79.5%, and 2400 no better than 1200.
+    # Stage 3 is where the answers are learned, and most of the time goes there: from each seed's stage 2,
+    # 1200 steps answered 83-91.5% (scored through PyTorch) where the demos of 400 answered 75.5-79.5%,
+    # and 2400 no better than 1200 (docs/experiments.md, fifth look).
     instruct: TrainSettings = field(default_factory=lambda: TrainSettings(steps=1200, batch_size=32, lr=4e-4, warmup=30))
     embedding_layers: int = 4
     questions: int = 200

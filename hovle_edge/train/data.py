@@ -1,5 +1,5 @@
 """Training data as the stages read it: image-caption JSONL, conversation JSONL (InternVL/LLaVA
-format), image folders and random token sequences, turned into padded batches with labels. Every
+format), image folders and random token sequences, packed into batches with labels. Every
 batch is a pure function of (seed, step, rank), so a resumed run sees the data it would have seen."""
 
 from __future__ import annotations
