@@ -49,9 +49,10 @@ class HoVLE(nn.Module):
     def forward(self, input_ids, pixel_values=None, position_ids=None, attention_mask=None,
                 past_key_values: HoVLECache | None = None) -> HoVLEOutput:
         past_length = 0 if past_key_values is None else past_key_values.length
-        if attention_mask is not None and attention_mask.dim() == 4 and (position_ids is None or past_length):
-            raise ValueError("a 4-D (packed) attention mask needs position_ids and no cache")
-        if attention_mask is None or attention_mask.dim() == 2:  # else a packed training batch with its positions
+        if attention_mask is not None and attention_mask.dim() == 4:  # a packed training batch (train.data.collate)
+            if position_ids is None or past_length:
+                raise ValueError("a 4-D (packed) attention mask needs position_ids and no cache")
+        else:
             default_pos, attention_mask = default_positions(input_ids, attention_mask, past_length)
             position_ids = default_pos if position_ids is None else position_ids
         image_embeds = None
