@@ -31,12 +31,11 @@ class DemoPlan:
     lm: TrainSettings = field(default_factory=lambda: LM_DEFAULTS)
     distill: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, batch_size=16, lr=1e-3, warmup=20))
     # Stage 2 decides what the frozen LLM can read out of the image tokens. Colour comes last, suddenly,
-    # after a number of updates that varies from seed to seed (docs/experiments.md, sixth look), so many
-    # small steps: 2000 of 8 (a third more time than 1000 of 16) leave room for a late escape.
+    # after a number of updates that varies from seed to seed, so many small steps leave room for a late
+    # escape (docs/experiments.md, sixth look).
     align: TrainSettings = field(default_factory=lambda: TrainSettings(steps=2000, batch_size=8, lr=1e-3, warmup=30))
-    # Stage 3 is where the answers are learned, and most of the time goes there: from each seed's stage 2,
-    # 1200 steps answered 83-91.5% (scored through PyTorch) where the demos of 400 answered 75.5-79.5%,
-    # and 2400 no better than 1200 (docs/experiments.md, fifth look).
+    # Stage 3 is where the answers are learned, so most of the time goes there, up to where more steps
+    # stopped helping (docs/experiments.md, fifth look).
     instruct: TrainSettings = field(default_factory=lambda: TrainSettings(steps=1200, batch_size=32, lr=4e-4, warmup=30))
     embedding_layers: int = 4
     questions: int = 200
